@@ -1,0 +1,52 @@
+# make demo : train the demo ViT on Fashion-MNIST, then quantize it (installs what it needs)
+# make test : run the test suite (installs what it needs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-deps
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+OUT ?= output/demo
+
+# The demo preset (chosen by measurement; see docs/BENCHMARKS.md).
+DEMO_TRAIN_ARGS ?= --epochs 10 --batch-size 128 --img-size 28 --patch-size 7 --embed-dim 192 \
+	--depth 6 --num-heads 3 --num-classes 10 --amp
+
+.PHONY: demo test venv data clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || \
+		$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian when it is missing (needs root); otherwise say what to do.
+data:
+	@if [ -e "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -n "$$BVVIT_FASHION_MNIST" ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; \
+		echo "or set BVVIT_FASHION_MNIST to a folder holding the four IDX files"; \
+		exit 1; \
+	fi
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+demo: $(STAMP) data
+	$(PY) run.py --data-path fashion-mnist --output-dir $(OUT) $(DEMO_TRAIN_ARGS)
+	@if [ -f post_training.py ]; then \
+		$(PY) post_training.py --model-path $(OUT)/vit_model.pth --output-dir $(OUT)/quantization; \
+	fi
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,52 @@
+"""What both command lines share: one-line errors, exit codes, small argparse helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from bvvit.errors import BVViTError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def user_message(exc: BaseException) -> str:
+    """The last meaningful line of an error (DataLoader workers wrap errors in tracebacks)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    for prefix in ("bvvit.errors.", ):
+        if text.startswith(prefix):
+            text = text.split(": ", 1)[-1]
+    return text
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
+            prog: str = "bvvit") -> int:
+    """Run ``main``; user errors become ``prog: error: ...`` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except BVViTError as exc:
+        print(f"{prog}: error: {user_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value

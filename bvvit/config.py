@@ -1,0 +1,171 @@
+"""Typed configuration for every stage.
+
+Each config validates its own fields in ``__post_init__`` (raising :class:`ConfigError`,
+which the CLI prints as one line) and round-trips through plain dicts so that it can be
+stored in checkpoints and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
+
+from bvvit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a dataclass from a dict, ignoring unknown keys (forward compatibility)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _require_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _require_rate(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a :class:`bvvit.model.VisionTransformer`."""
+
+    img_size: int = 28
+    patch_size: int = 7
+    in_chans: int = 1
+    num_classes: int = 10
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout after positional embedding and before the head
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0  # dropout after attention projection and MLP layers
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
+    fused_attn: bool = True  # F.scaled_dot_product_attention; False = explicit modules
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
+                     "depth", "num_heads"):
+            _require_positive(name, getattr(self, name))
+        _require_positive("mlp_ratio", self.mlp_ratio)
+        for name in ("drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
+            _require_rate(name, getattr(self, name))
+        if self.img_size % self.patch_size != 0:
+            raise ConfigError(
+                f"--img-size {self.img_size} is not divisible by --patch-size "
+                f"{self.patch_size}; choose a patch size that divides the image size "
+                f"(e.g. {', '.join(str(p) for p in _divisors(self.img_size))})")
+        if self.embed_dim % self.num_heads != 0:
+            raise ConfigError(
+                f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
+                f"{self.num_heads}; each head needs an equal share of the embedding")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, min(n, 32) + 1) if n % d == 0][:5]
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``run.py`` needs besides the model hyperparameters."""
+
+    data_path: str = "fashion-mnist"
+    output_dir: str = "output"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: Optional[float] = 1.0
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bf16 autocast (fp16 + GradScaler on GPUs without bf16)
+    resume: Optional[str] = None  # PATH or "auto"
+    pretrained_path: Optional[str] = None
+    progress: bool = True
+    tensorboard: bool = False
+    train_subset: Optional[int] = None  # use the first N training images (smoke tests)
+    val_subset: Optional[int] = None
+    augment: str = "light"  # none | light (crop+flip) | strong (random-resized-crop+flip)
+    eval_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require_positive("epochs", self.epochs)
+        _require_positive("batch_size", self.batch_size)
+        _require_positive("lr", self.lr)
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ConfigError("--min-lr, --weight-decay and --warmup-epochs must be >= 0")
+        _require_rate("label_smoothing", self.label_smoothing)
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            self.clip_grad = None  # 0 or negative disables clipping, as in timm
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("train_subset", "val_subset", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_positive(name, value)
+        if self.augment not in ("none", "light", "strong"):
+            raise ConfigError(f"--augment must be none, light or strong, got {self.augment!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become model inputs; stored with every model file."""
+
+    mean: tuple[float, ...] = (0.2860,)
+    std: tuple[float, ...] = (0.3530,)
+    img_size: int = 28
+    in_chans: int = 1
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, then centre-crop img_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(float(v) for v in data[key])
+        return _from_dict(cls, data)
+
+
+__all__ = ["ModelConfig", "TrainConfig", "Preprocessing"]

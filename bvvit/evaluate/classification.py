@@ -1,0 +1,252 @@
+"""Classification metrics: accuracy, per-class accuracy, confusion, and how far a
+(quantized) model's logits drift from a reference model's.
+
+Everything here returns plain Python data (ints, floats, lists, dicts) so results can be
+written to JSON by the report stage; nothing draws. The only non-JSON values are
+``float('inf')`` / ``float('nan')`` (an SQNR of identical logits is infinite):
+:func:`json_safe` turns them into the strings ``"inf"``, ``"-inf"`` and ``"nan"``.
+
+The stage knows nothing of how a model was built or quantized: it takes any
+``torch.nn.Module`` or plain callable mapping a batch of images to logits ``(B, C)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ModelOrFn = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]
+
+
+def collect_logits(
+    model_or_fn: ModelOrFn,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "eval",
+    max_batches: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model_or_fn`` over ``loader`` and gather its logits.
+
+    ``loader`` yields ``(images, labels)`` (extra items are ignored); images are moved to
+    ``device``, the model is not (put it there first). A Module is switched to eval mode
+    for the pass and its previous mode restored afterwards. For the logits to line up with
+    another run's (``reference_logits``), the loader must not shuffle.
+
+    Returns ``(logits, labels)``: float32 CPU ``(N, C)`` and int64 CPU ``(N,)``.
+    """
+    is_module = isinstance(model_or_fn, torch.nn.Module)
+    was_training = is_module and model_or_fn.training
+    if is_module:
+        model_or_fn.eval()
+
+    total_images = _dataset_size(loader)
+    if max_batches is not None:
+        total_images = None  # unknown without walking the loader
+    logits_chunks: list[torch.Tensor] = []
+    label_chunks: list[torch.Tensor] = []
+    bar = tqdm(total=total_images, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for batch_index, batch in enumerate(loader):
+                if max_batches is not None and batch_index >= max_batches:
+                    break
+                images, labels = batch[0], batch[1]
+                logits = model_or_fn(images.to(device, non_blocking=True))
+                if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                    raise TypeError(
+                        "model must return a logits tensor of shape (B, C), got "
+                        f"{type(logits).__name__} {getattr(logits, 'shape', '')}"
+                    )
+                logits_chunks.append(logits.detach().float().cpu())
+                label_chunks.append(torch.as_tensor(labels).long().cpu().reshape(-1))
+                bar.update(images.shape[0])
+    finally:
+        bar.close()
+        if is_module:
+            model_or_fn.train(was_training)
+
+    if not logits_chunks:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits_chunks), torch.cat(label_chunks)
+
+
+def classification_metrics(
+    logits: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | Sequence[int],
+    class_names: Sequence[str] | None = None,
+    reference_logits: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Accuracy figures for logits ``(N, C)`` against integer labels ``(N,)``.
+
+    Keys: ``num_images``, ``num_classes``, ``top1``, ``top5`` and ``top5_k`` (top-k with
+    k = min(5, C)), ``loss`` (mean cross-entropy, nats), ``per_class_accuracy`` (percent
+    per class, ``None`` for a class with no samples), ``per_class_count``, ``confusion``
+    (``C x C`` ints, rows = true class, columns = predicted), ``class_names`` when given.
+    Accuracies are percent.
+
+    With ``reference_logits`` (same shape, same image order, e.g. the float model's) also:
+    ``reference_top1``, ``top1_drop`` (reference top1 - top1, points), ``agreement``
+    (percent of images with the same top-1 class), ``sqnr_db``
+    (10 log10(sum ref^2 / sum (ref - test)^2); ``inf`` when identical) and ``kl_div``
+    (mean KL(softmax(ref) || softmax(test)), nats).
+    """
+    logits_t = torch.as_tensor(logits).detach().cpu().double()
+    labels_t = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
+    if logits_t.dim() != 2:
+        raise ValueError(f"logits must be (N, C), got shape {tuple(logits_t.shape)}")
+    num_images, num_classes = logits_t.shape
+    if num_images == 0:
+        raise ValueError("no images to evaluate")
+    if labels_t.numel() != num_images:
+        raise ValueError(f"{labels_t.numel()} labels for {num_images} rows of logits")
+    if labels_t.min() < 0 or labels_t.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got "
+                         f"[{int(labels_t.min())}, {int(labels_t.max())}]")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+
+    predictions = logits_t.argmax(dim=1)
+    top1 = _percent(int((predictions == labels_t).sum()), num_images)
+    k = min(5, num_classes)
+    topk_indices = logits_t.topk(k, dim=1).indices
+    top5 = _percent(int((topk_indices == labels_t[:, None]).any(dim=1).sum()), num_images)
+    loss = float(F.cross_entropy(logits_t, labels_t))
+
+    confusion = torch.bincount(
+        labels_t * num_classes + predictions, minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+    per_class_count = confusion.sum(dim=1)
+    per_class_correct = confusion.diagonal()
+    per_class_accuracy = [
+        _percent(int(correct), int(count)) if count > 0 else None
+        for correct, count in zip(per_class_correct, per_class_count)
+    ]
+
+    metrics: dict[str, Any] = {
+        "num_images": int(num_images),
+        "num_classes": int(num_classes),
+        "top1": top1,
+        "top5": top5,
+        "top5_k": k,
+        "loss": loss,
+        "per_class_accuracy": per_class_accuracy,
+        "per_class_count": [int(c) for c in per_class_count],
+        "confusion": confusion.tolist(),
+    }
+    if class_names is not None:
+        metrics["class_names"] = list(class_names)
+
+    if reference_logits is not None:
+        reference_t = torch.as_tensor(reference_logits).detach().cpu().double()
+        if reference_t.shape != logits_t.shape:
+            raise ValueError(f"reference_logits shape {tuple(reference_t.shape)} differs "
+                             f"from logits shape {tuple(logits_t.shape)}")
+        reference_predictions = reference_t.argmax(dim=1)
+        reference_top1 = _percent(int((reference_predictions == labels_t).sum()), num_images)
+        metrics["reference_top1"] = reference_top1
+        metrics["top1_drop"] = reference_top1 - top1
+        metrics["agreement"] = _percent(
+            int((reference_predictions == predictions).sum()), num_images)
+        metrics["sqnr_db"] = sqnr_db(reference_t, logits_t)
+        metrics["kl_div"] = kl_divergence(reference_t, logits_t)
+    return metrics
+
+
+def evaluate_classifier(
+    model: ModelOrFn,
+    loader: Iterable,
+    class_names: Sequence[str] | None = None,
+    reference_logits: torch.Tensor | np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    max_batches: int | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """:func:`collect_logits` then :func:`classification_metrics`.
+
+    Returns ``(metrics, logits)``; keep ``logits`` of the float model to pass as
+    ``reference_logits`` when evaluating its quantized versions on the same loader.
+    """
+    logits, labels = collect_logits(model, loader, device=device, progress=progress,
+                                    max_batches=max_batches)
+    metrics = classification_metrics(logits, labels, class_names=class_names,
+                                     reference_logits=reference_logits)
+    return metrics, logits
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2).
+
+    ``inf`` when the tensors are identical; computed in float64.
+    """
+    reference = torch.as_tensor(reference).double()
+    noise_power = float(((reference - torch.as_tensor(test).double()) ** 2).sum())
+    signal_power = float((reference ** 2).sum())
+    if noise_power == 0.0:
+        return math.inf
+    if signal_power == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(test)), in nats."""
+    reference_log_probs = F.log_softmax(torch.as_tensor(reference_logits).double(), dim=-1)
+    test_log_probs = F.log_softmax(torch.as_tensor(test_logits).double(), dim=-1)
+    per_row = (reference_log_probs.exp() * (reference_log_probs - test_log_probs)).sum(dim=-1)
+    # KL >= 0; clamp the last-bit rounding of nearly identical rows.
+    return max(0.0, float(per_row.mean()))
+
+
+def accuracy_noise_floor(num_images: int) -> float:
+    """What one image is worth in accuracy points (100 / num_images).
+
+    Accuracy differences at or below this are a single image and say nothing.
+    """
+    if num_images <= 0:
+        raise ValueError(f"num_images must be positive, got {num_images}")
+    return 100.0 / num_images
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Non-finite floats become ``"inf"``, ``"-inf"`` or ``"nan"``; numpy scalars and arrays,
+    torch tensors, tuples and dataclasses become plain Python lists, numbers and dicts.
+    """
+    if isinstance(obj, dict):
+        return {str(key): json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(dataclasses.asdict(obj))
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if math.isnan(obj):
+            return "nan"
+        return "inf" if obj > 0 else "-inf"
+    return obj
+
+
+def _percent(count: int, total: int) -> float:
+    return 100.0 * count / total
+
+
+def _dataset_size(loader: Iterable) -> int | None:
+    """Number of images a DataLoader will yield, or None when it cannot tell."""
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None

@@ -1,0 +1,124 @@
+"""Safe file I/O shared by every stage: atomic writes and weights-only checkpoint loading.
+
+Writes go to a temporary file in the destination folder, are flushed to disk, then
+renamed into place, so a crash never leaves a half-written file under the real name.
+Loading uses ``torch.load(..., weights_only=True)``: a checkpoint can carry tensors,
+numbers, strings, lists and dicts, never code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from bvvit.errors import BVViTError, CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    _ensure_dir(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # make the bytes durable before the rename
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _ensure_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BVViTError(f"{folder} exists and is not a folder; choose another --output-dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BVViTError(f"cannot create folder {folder}: {exc.strerror}; "
+                         "choose a writable --output-dir") from None
+    if not os.access(folder, os.W_OK):
+        raise BVViTError(f"folder {folder} is not writable; choose a writable --output-dir")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def atomic_save_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Run ``writer(tmp_path)`` and rename the result into place."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    atomic_save_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a ``.pth`` file with ``weights_only=True``; every failure is one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file; pass the .pth file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes); it was not written completely")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not a PyTorch file"
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains Python objects that are not allowed (refusing to run code from a checkpoint)"
+        raise CheckpointError(f"{what} {path} cannot be loaded safely: {reason}; "
+                              "re-save it as a plain state dict") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
+            AttributeError, ImportError, IndexError, KeyError, TypeError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch file ({first[:160]}); "
+                              "it may be truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

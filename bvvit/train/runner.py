@@ -1,0 +1,254 @@
+"""The training run behind ``run.py``: data, model, optimizer, epochs, checkpoints, logs.
+
+``fit(model_config, train_config, source)`` is the whole job; the CLI only parses flags.
+Exactness of resume comes from three rules: every epoch reseeds the global RNG and the
+loader's shuffle from ``(seed, epoch)``; optimizer, scheduler and scaler states travel in
+the checkpoint; the metric history travels with them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from bvvit import __version__
+from bvvit.config import ModelConfig, Preprocessing, TrainConfig
+from bvvit.data import (DataSource, build_dataset, build_loader, build_transform, set_epoch)
+from bvvit.errors import CheckpointError, ConfigError
+from bvvit.evaluate.system import library_versions
+from bvvit.io import atomic_write_json, load_torch_file
+from bvvit.model import VisionTransformer, count_parameters, load_pretrained
+from bvvit.model_file import model_payload, save_model_file, state_dict_of
+from bvvit.train.checkpoint import (capture_rng_state, find_resume_checkpoint,
+                                    restore_rng_state, save_checkpoint)
+from bvvit.train.engine import choose_precision, train_one_epoch, validate
+from bvvit.train.log import (TensorBoardSink, epoch_row, plot_training_curves,
+                             write_metrics_csv)
+
+MODEL_FILE = "vit_model.pth"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_path: Path
+    history: list[dict[str, Any]]
+    best_val_acc: float
+    total_time_s: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; "
+                          "use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def model_config_for_data(source: DataSource, img_size: Optional[int], num_classes: Optional[int],
+                          **hyper: Any) -> ModelConfig:
+    """Model hyperparameters from flags; channels and classes come from the data."""
+    if num_classes is not None and num_classes != source.num_classes:
+        raise ConfigError(f"--num-classes {num_classes} disagrees with the data: {source.describe()} "
+                          f"has {source.num_classes} classes; drop the flag or fix the data")
+    size = img_size or source.native_size or 224
+    return ModelConfig(img_size=size, in_chans=source.in_chans, num_classes=source.num_classes,
+                       **hyper)
+
+
+def _seed_epoch(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2 ** 63)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
+    """lr multiplier per optimizer step: linear warmup, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, class token and positional embeddings."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
+    payload = load_torch_file(path, what="pretrained file")
+    try:
+        return load_pretrained(model, state_dict_of(payload))
+    except (KeyError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0].strip("'\"")
+        raise CheckpointError(f"pretrained file {path} does not fit this model "
+                              f"({first[:200]}); use matching --embed-dim/--depth/--patch-size") from None
+
+
+def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
+        argv: Optional[list[str]] = None) -> TrainResult:
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    device = resolve_device(cfg.device)
+    precision = choose_precision(device, cfg.amp)
+    torch.manual_seed(cfg.seed)
+
+    pre: Preprocessing = source.default_preprocessing(model_cfg.img_size)
+    train_set = build_dataset(source, "train", build_transform(pre, train=True, augment=cfg.augment),
+                              subset=cfg.train_subset)
+    val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=cfg.val_subset)
+    if len(train_set) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                          f"({len(train_set)} images); lower it")
+    train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers,
+                                seed=cfg.seed, drop_last=True)
+    val_loader = build_loader(val_set, cfg.eval_batch_size or max(cfg.batch_size, 256),
+                              shuffle=False, workers=cfg.workers)
+
+    point = find_resume_checkpoint(cfg.resume, out) if cfg.resume else None
+    model = VisionTransformer(model_cfg)
+    if cfg.pretrained_path and point is None:
+        skipped = _load_pretrained_file(model, cfg.pretrained_path)
+        print(f"loaded pretrained weights from {cfg.pretrained_path}"
+              + (f" (new head: {', '.join(skipped)})" if skipped else ""))
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr))
+    scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, history, best_acc = 0, [], -1.0
+    if cfg.resume and point is None:
+        print(f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
+    elif point is not None:
+        start_epoch, history, best_acc = _restore(point.payload, str(point.path), model,
+                                                  optimizer, scheduler, scaler, model_cfg)
+        note = " (last.pth was unreadable: used the backup)" if point.fell_back else ""
+        print(f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done")
+
+    class_names = list(source.class_names)
+    data_info = {"data_path": cfg.data_path, "kind": source.kind, "root": str(source.root)}
+    run_info = _run_info(model_cfg, cfg, source, pre, model, precision.name, argv)
+    atomic_write_json(out / "config.json", run_info)
+    print(f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
+    print(f"model: ViT {model_cfg.depth}x{model_cfg.embed_dim}, patch {model_cfg.patch_size}, "
+          f"{count_parameters(model) / 1e6:.2f}M parameters; device {device}, {precision.name}, "
+          f"{torch.get_num_threads()} threads")
+
+    tensorboard = TensorBoardSink(out / "tensorboard") if cfg.tensorboard else None
+    stop_after = os.environ.get("BVVIT_KILL_AFTER_EPOCH")  # test hook: simulate a crash
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        torch.manual_seed(_seed_epoch(cfg.seed, epoch))
+        set_epoch(train_loader, epoch)
+        train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, criterion,
+                                        device, precision, scaler, cfg.clip_grad, cfg.progress,
+                                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        val_metrics = validate(model, val_loader, device, precision, cfg.progress)
+        row = epoch_row(epoch + 1, train_metrics, val_metrics, optimizer.param_groups[0]["lr"],
+                        time.perf_counter() - epoch_start)
+        history.append(row)
+        is_best = row["val_acc"] > best_acc
+        best_acc = max(best_acc, row["val_acc"])
+        payload = model_payload(model, class_names, pre, data_info, {"val_acc": row["val_acc"]})
+        payload.update({
+            "kind": "bvvit-training-checkpoint",
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": capture_rng_state(),
+            "best_val_acc": best_acc,
+            "history": history,
+            "train_config": cfg.to_dict(),
+        })
+        save_checkpoint(ckpt_dir, payload, is_best)
+        write_metrics_csv(out / "metrics.csv", history)
+        if tensorboard:
+            tensorboard.log(row)
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+              f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} "
+              f"top-1 {row['val_acc']:.2f}% top-5 {row['val_top5']:.2f}% | lr {row['lr']:.2e} | "
+              f"{row['epoch_time_s']:.1f}s, {row['train_images_per_s']:.0f} img/s", flush=True)
+        if stop_after is not None and epoch + 1 == int(stop_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if tensorboard:
+        tensorboard.close()
+    final_metrics = {"val_acc": history[-1]["val_acc"] if history else None,
+                     "best_val_acc": best_acc, "epochs": cfg.epochs}
+    model_path = out / MODEL_FILE
+    save_model_file(model_path, model, class_names, pre, data_info, final_metrics)
+    write_metrics_csv(out / "metrics.csv", history)
+    plot_training_curves(out / "training_curves.png", history,
+                         title=f"ViT {model_cfg.depth}x{model_cfg.embed_dim}/p{model_cfg.patch_size} "
+                               f"on {source.kind}")
+    total = time.perf_counter() - run_start
+    print(f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
+          f"model written to {model_path}")
+    return TrainResult(out, model_path, history, best_acc, total)
+
+
+def _restore(payload: dict[str, Any], source: str, model: VisionTransformer,
+             optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+             model_cfg: ModelConfig) -> tuple[int, list[dict[str, Any]], float]:
+    stored = ModelConfig.from_dict(payload["model_config"])
+    stored.fused_attn = model_cfg.fused_attn
+    if stored != model_cfg:
+        diffs = [f"{k}={getattr(stored, k)} (now {getattr(model_cfg, k)})"
+                 for k in model_cfg.to_dict() if getattr(stored, k) != getattr(model_cfg, k)]
+        raise CheckpointError(f"checkpoint {source} is of another architecture: "
+                              f"{', '.join(diffs[:4])}; resume with the same flags")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {source} does not fit this run ({first[:200]})") from None
+    if "rng" in payload:
+        restore_rng_state(payload["rng"])
+    return int(payload["epoch"]), list(payload.get("history", [])), float(payload.get("best_val_acc", -1))
+
+
+def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre: Preprocessing,
+              model: nn.Module, precision: str, argv: Optional[list[str]]) -> dict[str, Any]:
+    return {
+        "bvvit_version": __version__,
+        "command": argv,
+        "model": model_cfg.to_dict(),
+        "train": cfg.to_dict(),
+        "data": {"kind": source.kind, "root": str(source.root), "classes": list(source.class_names)},
+        "preprocessing": pre.to_dict(),
+        "parameters": count_parameters(model),
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "versions": library_versions(),
+    }
+
+
+__all__ = ["fit", "TrainResult", "model_config_for_data", "resolve_device", "MODEL_FILE"]
