@@ -294,10 +294,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
         (mask,) = ctx.saved_tensors
-        grad_x = grad_out * mask.to(grad_out.dtype)
-        if grad_x.shape != ctx.needs_input_grad and False:  # pragma: no cover
-            pass
-        return grad_x, None, None, None, None
+        return grad_out * mask.to(grad_out.dtype), None, None, None, None
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:

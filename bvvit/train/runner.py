@@ -133,8 +133,11 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    # Warmup never takes more than half the run (short smoke runs still anneal).
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
-        cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr))
+        total_steps, warmup_steps, cfg.min_lr / cfg.lr))
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 

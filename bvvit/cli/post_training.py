@@ -1,0 +1,111 @@
+"""``post_training.py`` / ``bvvit-ptq``: quantize a trained model at several bit depths."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bvvit.cli.common import OneLineParser, positive_int, run_cli
+from bvvit.errors import ConfigError
+
+
+def bits_value(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit-width, got {text!r}") from None
+    if not 2 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"bits must be between 2 and 16, got {value}")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    from bvvit.quant.recipes import DEFAULT_RECIPE, RECIPES
+
+    p = OneLineParser(prog="post_training.py",
+                      description="Post-training quantization of a trained ViT at several bit "
+                                  "depths (weights AND activations), evaluated against the original.")
+    p.add_argument("--model-path", required=True, help="vit_model.pth written by run.py")
+    p.add_argument("--data-path", default=None,
+                   help="data set (default: the one the model was trained on)")
+    p.add_argument("--output-dir", default=None,
+                   help="where results go (default: MODEL_DIR/quantization)")
+    p.add_argument("--bits", type=bits_value, nargs="+", default=[4, 6, 8, 10, 12, 16],
+                   help="bit depths, each used for weights and activations (default: 4 6 8 10 12 16)")
+    p.add_argument("--w-bits", type=bits_value, nargs="+", default=None,
+                   help="weight bits (with --a-bits: decoupled pairs such as W4A8; replaces --bits)")
+    p.add_argument("--a-bits", type=bits_value, nargs="+", default=None, help="activation bits")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help=f"quantization recipe (default: {DEFAULT_RECIPE})")
+    p.add_argument("--baseline", default="minmax",
+                   help="also run this recipe at each bit depth for comparison ('none' to skip)")
+    p.add_argument("--calib-size", type=positive_int, default=256,
+                   help="calibration images, a seeded subset of the TRAINING split (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
+    p.add_argument("--eval-subset", type=positive_int, default=None,
+                   help="evaluate on only the first N validation images (quick looks)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--latency-runs", type=positive_int, default=20,
+                   help="timed runs per variant and batch size (after warm-up)")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS|float",
+                   help="per-layer exception by module name pattern, e.g. 'blocks.0.*=8' or "
+                        "'head=float' (repeatable)")
+    p.add_argument("--float-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="dtype of the float parts (norms, biases, embeddings) in packed files")
+    g = p.add_argument_group("what gets quantized")
+    g.add_argument("--no-linear", action="store_true", help="keep qkv/proj/fc1/fc2 float")
+    g.add_argument("--no-attention-matmul", action="store_true", help="keep q, k, v float")
+    g.add_argument("--no-softmax", action="store_true", help="keep attention probabilities float")
+    g.add_argument("--residual", action="store_true", help="also quantize the residual additions")
+    g.add_argument("--no-patch-embed", action="store_true", help="keep the patch embedding float")
+    g.add_argument("--no-head", action="store_true", help="keep the classifier head float")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bvvit.config import LayerOverride
+    from bvvit.post_training import PTQJob, run
+    from bvvit.quant.recipes import RECIPES
+    from bvvit.train.runner import resolve_device
+
+    if (args.w_bits is None) != (args.a_bits is None):
+        raise ConfigError("--w-bits and --a-bits go together (e.g. --w-bits 4 --a-bits 8)")
+    if args.w_bits is not None:
+        if len(args.w_bits) != len(args.a_bits):
+            raise ConfigError(f"--w-bits has {len(args.w_bits)} values but --a-bits has "
+                              f"{len(args.a_bits)}; give one activation width per weight width")
+        pairs = list(zip(args.w_bits, args.a_bits))
+    else:
+        pairs = [(b, b) for b in args.bits]
+    baseline = None if args.baseline.lower() == "none" else args.baseline
+    if baseline is not None and baseline not in RECIPES:
+        raise ConfigError(f"--baseline {baseline!r} is not a recipe; choose one of "
+                          f"{', '.join(RECIPES)} or none")
+    output_dir = args.output_dir or str(Path(args.model_path).resolve().parent / "quantization")
+    switches = {"linear": not args.no_linear, "attention_matmul": not args.no_attention_matmul,
+                "softmax_output": not args.no_softmax, "residual": args.residual,
+                "patch_embed": not args.no_patch_embed, "head": not args.no_head}
+    job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
+                 bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
+                 calib_size=args.calib_size, batch_size=args.batch_size,
+                 device=str(resolve_device(args.device)), seed=args.seed,
+                 progress=not args.no_progress, eval_subset=args.eval_subset,
+                 latency_runs=args.latency_runs,
+                 overrides=[LayerOverride.parse(text) for text in args.override],
+                 switches=switches, float_dtype=args.float_dtype)
+    run(job)
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(run_cli(main, prog="post_training.py"))
+
+
+if __name__ == "__main__":
+    entry_point()

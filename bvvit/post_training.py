@@ -1,0 +1,227 @@
+"""The post-training job behind ``post_training.py``: quantize a trained model at several
+bit depths and measure each against the float original.
+
+    load model file -> data (classes checked) -> FP32 evaluation (reference logits)
+      -> for each bit depth and recipe: quantize_model (calibrated on TRAINING images)
+           -> evaluate vs FP32 -> packed file (real size)
+      -> latency of every variant, interleaved in one run
+      -> summary.json / summary.csv (+ the report stage draws from them)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from bvvit import __version__
+from bvvit.config import LayerOverride, QuantConfig
+from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
+from bvvit.errors import DataError
+from bvvit.evaluate.classification import evaluate_classifier, json_safe
+from bvvit.evaluate.latency import measure_interleaved
+from bvvit.evaluate.system import system_info
+from bvvit.io import atomic_write_json, atomic_write_text
+from bvvit.model_file import LoadedModel, load_model_file
+from bvvit.quant.quantize import quantize_model
+from bvvit.quant.recipes import make_quant_config
+from bvvit.quant.storage import save_float_model, save_quantized_model
+
+DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
+SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
+                   "sqnr_db", "kl_div", "size_bytes", "size_ratio", "latency_ms_b1",
+                   "latency_ms_b64", "kernel", "calibration_time_s"]
+
+
+@dataclass
+class PTQJob:
+    model_path: str
+    output_dir: str
+    data_path: Optional[str] = None  # default: what the checkpoint was trained on
+    bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(b, b) for b in DEFAULT_BITS])
+    recipe: str = "mse"
+    baseline: Optional[str] = "minmax"  # also run this recipe at each bit depth (None: skip)
+    calib_size: int = 256
+    batch_size: int = 256
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    eval_subset: Optional[int] = None
+    latency_runs: int = 20
+    latency_batches: tuple[int, ...] = (1, 64)
+    overrides: list[LayerOverride] = field(default_factory=list)
+    switches: dict[str, bool] = field(default_factory=dict)
+    float_dtype: str = "fp32"  # dtype of the float parts inside packed files
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    config: Optional[QuantConfig]
+    metrics: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+    file: Optional[dict[str, Any]] = None
+
+
+def _check_classes(loaded: LoadedModel, source_classes: list[str], data_desc: str, model_path: str) -> None:
+    if list(source_classes) != list(loaded.class_names):
+        raise DataError(f"{data_desc} has classes {_short(source_classes)} but {model_path} was trained "
+                        f"on {_short(loaded.class_names)}; pass the --data-path it was trained on")
+
+
+def _short(names: list[str]) -> str:
+    return "[" + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") + f"] ({len(names)})"
+
+
+def run(job: PTQJob) -> dict[str, Any]:
+    out = Path(job.output_dir)
+    device = torch.device(job.device)
+    loaded = load_model_file(job.model_path)
+    data_path = job.data_path or loaded.data.get("data_path") or "fashion-mnist"
+    source = resolve_data(data_path)
+    _check_classes(loaded, list(source.class_names), source.describe(), job.model_path)
+    if source.in_chans != loaded.config.in_chans:
+        raise DataError(f"{source.describe()} has {source.in_chans}-channel images but the model "
+                        f"expects {loaded.config.in_chans}; pass the --data-path it was trained on")
+    pre = loaded.preprocessing
+    val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=job.eval_subset)
+    val_loader = build_loader(val_set, job.batch_size, shuffle=False)
+    calib_loader, calib_indices = calibration_loader(source, pre, job.calib_size, job.seed,
+                                                     batch_size=min(64, job.batch_size))
+    torch.manual_seed(job.seed)
+    print(f"model: {job.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
+          f"patch {loaded.config.patch_size}); data: {source.describe()}; "
+          f"evaluating on {len(val_set)} images, calibrating on {len(calib_indices)} training images")
+
+    fp_model = loaded.model.to(device).eval()
+    fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
+                                                device=device, progress=job.progress)
+    fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
+    fp_bytes = fp_file["size_bytes"]
+    fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "sqnr_db": math.inf, "kl_div": 0.0})
+    variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
+    print(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
+
+    recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
+    for w_bits, a_bits in job.bit_pairs:
+        for recipe in recipes:
+            cfg = make_quant_config(recipe, w_bits, a_bits, calib_size=job.calib_size, seed=job.seed,
+                                    overrides=list(job.overrides), **job.switches)
+            name = cfg.name if recipe == job.recipe else f"{cfg.name}-{recipe}"
+            start = time.perf_counter()
+            qmodel, report = quantize_model(fp_model, cfg, calib_loader, device, job.progress)
+            for warning in report.warnings:
+                print(f"WARNING [{name}]: {warning}")
+            # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
+            file_info = save_quantized_model(out / "models" / f"vit_{name}.safetensors", qmodel, cfg,
+                                             loaded, report, float_dtype=job.float_dtype)
+            metrics, _ = evaluate_classifier(qmodel, val_loader, loaded.class_names,
+                                             reference_logits=fp_logits, device=device,
+                                             progress=job.progress)
+            variants.append(Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info))
+            print(f"{name}: top-1 {metrics['top1']:.2f}% (drop {metrics['top1_drop']:+.2f}), "
+                  f"agreement {metrics['agreement']:.2f}%, SQNR {metrics['sqnr_db']:.1f} dB, "
+                  f"file {file_info['size_bytes'] / 1024:.1f} KiB, calibration "
+                  f"{report.calibration_time_s:.1f}s ({time.perf_counter() - start:.1f}s total)",
+                  flush=True)
+
+    latency = _measure_latency(variants, loaded, job)
+    summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
+    write_summary(out, summary)
+    print(format_table(summary["rows"]))
+    print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
+    return summary
+
+
+def _measure_latency(variants: list[Variant], loaded: LoadedModel, job: PTQJob) -> dict[str, dict[int, Any]]:
+    """Median/p90 per variant and batch size, all variants interleaved in one run."""
+    c = loaded.config
+    inputs = {b: torch.randn(b, c.in_chans, c.img_size, c.img_size) for b in job.latency_batches}
+    fns = {v.name: v.model for v in variants}
+    kinds = {v.name: "float" if v.config is None else "simulated" for v in variants}
+    results = measure_interleaved(fns, inputs, warmup=3, runs=job.latency_runs, kinds=kinds)
+    table: dict[str, dict[int, Any]] = {}
+    for r in results:
+        table.setdefault(r.name, {})[r.batch_size] = r.to_dict()
+    return table
+
+
+def _summary(job: PTQJob, loaded: LoadedModel, data_desc: str, calib_indices: list[int],
+             variants: list[Variant], latency: dict[str, dict[int, Any]], fp_bytes: int) -> dict[str, Any]:
+    rows = []
+    for v in variants:
+        m = v.metrics
+        lat = latency.get(v.name, {})
+        size = v.file["size_bytes"] if v.file else None
+        rows.append({
+            "name": v.name,
+            "w_bits": v.config.w_bits if v.config else 32,
+            "a_bits": v.config.a_bits if v.config else 32,
+            "recipe": v.config.recipe if v.config else "float",
+            "top1": round(m["top1"], 4), "top5": round(m["top5"], 4),
+            "top1_drop": round(m["top1_drop"], 4), "agreement": round(m["agreement"], 4),
+            "sqnr_db": m["sqnr_db"], "kl_div": m["kl_div"],
+            "size_bytes": size, "size_ratio": round(size / fp_bytes, 4) if size else None,
+            "latency_ms_b1": _lat(lat, 1), "latency_ms_b64": _lat(lat, 64),
+            "kernel": "float" if v.config is None else "simulated",
+            "calibration_time_s": round(v.report.get("calibration_time_s", 0.0), 3),
+        })
+    return json_safe({
+        "bvvit_version": __version__,
+        "model_path": str(job.model_path),
+        "model_config": loaded.config.to_dict(),
+        "class_names": loaded.class_names,
+        "data": data_desc,
+        "num_eval_images": variants[0].metrics["num_images"],
+        "seed": job.seed,
+        "calibration": {"size": len(calib_indices), "split": "train", "indices": calib_indices},
+        "recipe": job.recipe, "baseline": job.baseline,
+        "system": system_info(),
+        "rows": rows,
+        "variants": {v.name: {"metrics": v.metrics, "quant_config": v.config.to_dict() if v.config else None,
+                              "coverage": v.report.get("coverage"), "layers": v.report.get("layers"),
+                              "warnings": v.report.get("warnings", []),
+                              "calibration_time_s": v.report.get("calibration_time_s"),
+                              "file": v.file, "latency": latency.get(v.name)}
+                     for v in variants},
+        "notes": {
+            "kernel": "'simulated' = fake-quant in float (accuracy is exact for the integer model, "
+                      "latency is NOT an integer-kernel speed); 'float' = the FP32 model",
+            "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
+                          "weights for quantized variants; the float32 state dict for fp32)",
+        },
+    })
+
+
+def _lat(lat: dict[int, Any], batch: int) -> Optional[float]:
+    entry = lat.get(batch)
+    return round(entry["median_ms"], 4) if entry else None
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(out / "summary.json", summary)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary["rows"])
+    atomic_write_text(out / "summary.csv", buffer.getvalue())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'name':<16}{'top1':>8}{'drop':>8}{'agree':>8}{'SQNR dB':>9}{'size KiB':>10}" \
+             f"{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else f"{r['sqnr_db']:.1f}"
+        lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
+                     f"{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
+                     f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""The one entry point: ``quantize_model(model, QuantConfig, calibration_loader)``.
+
+1. copy the float model (it is never modified) and switch attention to the explicit path;
+2. replace modules by their quantized wrappers according to the config's switches and
+   per-layer overrides (weights are quantized here, from the weights alone);
+3. calibrate: run the calibration images through the model with every activation
+   quantizer observing, then freeze the qparams (:func:`calibrate`);
+4. return the quantized model and a :class:`QuantReport` (coverage, warnings, timing).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bvvit.config import LayerOverride, QuantConfig, TensorQuantSpec
+from bvvit.errors import ConfigError
+from bvvit.model import Add, MatMul, Softmax, VisionTransformer
+from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, QuantLinear,
+                                 QuantMatMul, QuantSoftmax, act_quantizers)
+
+
+@dataclass
+class QuantReport:
+    """What was quantized, how, and how long calibration took."""
+
+    config: dict[str, Any]
+    coverage: list[dict[str, Any]] = field(default_factory=list)  # aggregated table rows
+    layers: list[dict[str, Any]] = field(default_factory=list)  # one row per tensor
+    warnings: list[str] = field(default_factory=list)
+    calibration_images: int = 0
+    calibration_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _layer_bits(name: str, overrides: list[LayerOverride], used: set[int]) -> Optional[int] | str:
+    """The override for ``name``: a bit-width, "float", or None (no override). Last match wins."""
+    result: Optional[int] | str = None
+    for index, override in enumerate(overrides):
+        if fnmatch.fnmatchcase(name, override.pattern):
+            used.add(index)
+            result = "float" if override.keep_float else override.bits
+    return result
+
+
+def _with_bits(spec: TensorQuantSpec, bits: Optional[int] | str) -> Optional[TensorQuantSpec]:
+    if bits == "float":
+        return None
+    return spec if bits is None else dataclasses.replace(spec, bits=int(bits))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransformer, list[str]]:
+    """A quantized copy of ``model`` (uncalibrated), plus warnings. The input is untouched."""
+    qmodel = copy.deepcopy(model).eval()
+    qmodel.set_fused_attn(False)
+    used: set[int] = set()
+    warnings: list[str] = []
+    for name, module in list(qmodel.named_modules()):
+        if not name:
+            continue
+        bits = _layer_bits(name, cfg.overrides, used)
+        if isinstance(module, nn.Linear):
+            is_head = name == "head"
+            enabled = cfg.head if is_head else cfg.linear
+            if not enabled or bits == "float":
+                continue
+            _replace(qmodel, name, QuantLinear(module, _with_bits(cfg.weight, bits),
+                                               _with_bits(cfg.activation, bits), "linear_input"))
+        elif isinstance(module, nn.Conv2d):
+            if not cfg.patch_embed or bits == "float":
+                continue
+            _replace(qmodel, name, QuantConv2d(module, _with_bits(cfg.weight, bits),
+                                               _with_bits(cfg.activation, bits), "image"))
+        elif isinstance(module, MatMul):
+            if not cfg.attention_matmul or bits == "float":
+                continue
+            if name.endswith("matmul_qk"):
+                new = QuantMatMul(_with_bits(cfg.activation, bits), _with_bits(cfg.activation, bits),
+                                  "q", "k")
+            else:  # attn @ v: the probabilities are quantized at the softmax output
+                new = QuantMatMul(None, _with_bits(cfg.activation, bits), "attn", "v")
+            _replace(qmodel, name, new)
+        elif isinstance(module, Softmax):
+            if cfg.softmax_output and bits != "float":
+                _replace(qmodel, name, QuantSoftmax(module, _with_bits(cfg.softmax, bits)))
+        elif isinstance(module, Add):
+            if cfg.residual and bits != "float":
+                _replace(qmodel, name, QuantAdd(_with_bits(cfg.activation, bits)))
+    for index, override in enumerate(cfg.overrides):
+        if index not in used:
+            warnings.append(f"override pattern {override.pattern!r} matched no layer "
+                            "(names look like blocks.0.attn.qkv, blocks.*.mlp.fc2, head)")
+    return qmodel, warnings
+
+
+@torch.inference_mode()
+def calibrate(qmodel: nn.Module, calibration_loader: Iterable, device: torch.device | str = "cpu",
+              progress: bool = False) -> tuple[int, float]:
+    """Observe activations on the calibration images, then freeze every quantizer.
+
+    Returns (number of images, seconds). Every quantizer observes float inputs (all
+    quantizers pass data through while observing).
+    """
+    quantizers = [q for _, q in act_quantizers(qmodel)]
+    start = time.perf_counter()
+    for quantizer in quantizers:
+        quantizer.start_observing()
+    qmodel.eval().to(device)
+    seen = 0
+    for images, _ in tqdm(calibration_loader, desc="calibrate", disable=not progress, leave=False):
+        qmodel(images.to(device))
+        seen += images.shape[0]
+    if seen == 0:
+        raise ConfigError("the calibration loader yielded no images")
+    for quantizer in quantizers:
+        quantizer.freeze()
+    return seen, time.perf_counter() - start
+
+
+def coverage_table(qmodel: nn.Module) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(aggregated rows: op x tensor x bits x granularity x count, per-tensor rows)."""
+    layers: list[dict[str, Any]] = []
+    for name, module in qmodel.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            op = "Conv2d" if isinstance(module, QuantConv2d) else "Linear"
+            if module.weight_qparams is not None:
+                layers.append({"layer": name, "op": op, "tensor": "weight",
+                               "bits": module.weight_qparams.bits,
+                               "granularity": _granularity_name(module.weight_qparams.granularity),
+                               "symmetric": module.weight_qparams.symmetric})
+        if isinstance(module, ActQuantizer):
+            layer = name.rsplit(".", 1)[0]
+            op = type(qmodel.get_submodule(layer)).__name__.replace("Quant", "")
+            layers.append({"layer": layer, "op": op, "tensor": module.kind, "bits": module.bits,
+                           "granularity": module.spec.granularity,
+                           "symmetric": module.spec.symmetric, "observer": module.spec.observer,
+                           "method": module.spec.method})
+    counts = Counter((r["op"], r["tensor"], r["bits"], r["granularity"]) for r in layers)
+    rows = [{"op": op, "tensor": tensor, "bits": bits, "granularity": gran, "count": n}
+            for (op, tensor, bits, gran), n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+    return rows, layers
+
+
+def _granularity_name(granularity: Any) -> str:
+    kind = type(granularity).__name__
+    if kind == "PerGroup":
+        return f"group:{granularity.group_size}"
+    return {"PerTensor": "tensor", "PerChannel": "channel"}.get(kind, kind)
+
+
+def _missing(cfg: QuantConfig, float_model: nn.Module, qmodel: nn.Module) -> list[str]:
+    """Warnings for what the config asked for but the model did not get."""
+    warnings = []
+    float_linears = [n for n, m in qmodel.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    overridden = {n for n in float_linears if any(
+        fnmatch.fnmatchcase(n, o.pattern) and o.keep_float for o in cfg.overrides)}
+    for name in float_linears:
+        wanted = cfg.head if name == "head" else cfg.patch_embed if name.endswith("proj") and \
+            name.startswith("patch_embed") else cfg.linear
+        if wanted and name not in overridden:
+            warnings.append(f"{name} ({type(qmodel.get_submodule(name)).__name__}) was asked to be "
+                            "quantized but is still float")
+    return warnings
+
+
+def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
+                   device: torch.device | str = "cpu", progress: bool = False
+                   ) -> tuple[VisionTransformer, QuantReport]:
+    """Quantize a copy of ``model`` per ``cfg`` and calibrate it on ``calibration_loader``.
+
+    Static activation quantization needs calibration data: ``calibration_loader=None``
+    with any activation quantizer enabled raises :class:`ConfigError`.
+    """
+    qmodel, warnings = convert(model, cfg)
+    needs_calibration = bool(act_quantizers(qmodel))
+    report = QuantReport(config=cfg.to_dict(), warnings=warnings)
+    if needs_calibration:
+        if calibration_loader is None:
+            raise ConfigError("static activation quantization needs calibration data; "
+                              "pass a calibration loader (post_training.py uses --calib-size "
+                              "training images)")
+        report.calibration_images, report.calibration_time_s = calibrate(
+            qmodel, calibration_loader, device, progress)
+    report.warnings += _missing(cfg, model, qmodel)
+    report.coverage, report.layers = coverage_table(qmodel)
+    return qmodel.eval(), report
+
+
+def is_observing(qmodel: nn.Module) -> bool:
+    return any(q.state == OBSERVE for _, q in act_quantizers(qmodel))

@@ -1,0 +1,63 @@
+"""Named bundles of quantization choices.
+
+==========  =====================================  ======================================
+recipe      weights                                activations (incl. q, k, v, softmax)
+==========  =====================================  ======================================
+minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-max
+percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
+mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
+==========  =====================================  ======================================
+
+``minmax`` is the naive baseline users compare against; ``mse`` is the default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from bvvit.config import QuantConfig, TensorQuantSpec
+from bvvit.errors import ConfigError
+
+
+def _minmax(w_bits: int, a_bits: int) -> dict[str, Any]:
+    return {
+        "weight": TensorQuantSpec(w_bits, symmetric=True, granularity="tensor", observer="minmax"),
+        "activation": TensorQuantSpec(a_bits, symmetric=False, observer="minmax"),
+        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="minmax"),
+    }
+
+
+def _percentile(w_bits: int, a_bits: int) -> dict[str, Any]:
+    return {
+        "weight": TensorQuantSpec(w_bits, symmetric=True, granularity="channel", observer="minmax"),
+        "activation": TensorQuantSpec(a_bits, symmetric=False, observer="percentile", percentile=99.99),
+        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="percentile", percentile=99.99),
+    }
+
+
+def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
+    return {
+        "weight": TensorQuantSpec(w_bits, symmetric=True, granularity="channel", observer="mse"),
+        "activation": TensorQuantSpec(a_bits, symmetric=False, observer="mse"),
+        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="mse"),
+    }
+
+
+RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "minmax": _minmax,
+    "percentile": _percentile,
+    "mse": _mse,
+}
+DEFAULT_RECIPE = "mse"
+
+
+def make_quant_config(recipe: str = DEFAULT_RECIPE, w_bits: int = 8, a_bits: int = 8,
+                      **fields: Any) -> QuantConfig:
+    """A :class:`QuantConfig` for ``recipe`` at the given bit-widths; ``fields`` override."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if not isinstance(w_bits, int) or not 2 <= w_bits <= 16 or not isinstance(a_bits, int) \
+            or not 2 <= a_bits <= 16:
+        raise ConfigError(f"bits must be between 2 and 16, got w{w_bits} a{a_bits}")
+    return QuantConfig(recipe=recipe, w_bits=w_bits, a_bits=a_bits,
+                       **{**RECIPES[recipe](w_bits, a_bits), **fields})
