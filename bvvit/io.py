@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -101,7 +102,9 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes); it was not written completely")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not a PyTorch file"
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):

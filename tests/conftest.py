@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the machines are small and shared; oversubscribed threads make tiny ops slow.
+torch.set_num_threads(1)
 
 from bvvit.config import ModelConfig  # noqa: E402
 

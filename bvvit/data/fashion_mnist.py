@@ -46,7 +46,7 @@ def search_dirs() -> list[Path]:
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]).expanduser())
     dirs += [SYSTEM_DIR, Path.home() / ".cache" / "bvvit" / "fashion-mnist",
-             Path("data") / "fashion-mnist"]
+             Path.cwd() / "data" / "fashion-mnist"]
     return dirs
 
 

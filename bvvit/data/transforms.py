@@ -2,8 +2,12 @@
 
 Geometry uses ``torchvision.transforms.v2.functional`` (the random-resized crop calls
 ``torch.nn.functional.interpolate`` directly); the transform classes of v2 are not used
-because their per-call dispatch costs 10-40 us each, more than the work on a 28x28 image. Random parameters come from torch's global RNG, so ``torch.manual_seed``
-makes a run reproducible. Pipelines (S = img_size):
+because their per-call dispatch costs 10-40 us each, more than the work on a 28x28
+image. Random parameters come from torch's global RNG, so ``torch.manual_seed`` makes a
+run reproducible. Normalisation is one ``addcmul`` on the uint8 image. Measured per
+28x28 image on one CPU thread: eval ~6 us, light ~20 us, strong ~35 us.
+
+Pipelines (S = img_size):
 
 - eval (and train with augment "none"): resize the shorter side to
   ``int(S / crop_pct)``, centre-crop S (both skipped when already S x S), normalise;
@@ -117,6 +121,8 @@ class ImageTransform:
         out = torch.nn.functional.interpolate(
             crop, size=(self.size, self.size), mode=mode, antialias=antialias,
             align_corners=False if mode in ("bilinear", "bicubic") else None)
+        if mode == "bicubic":
+            out = out.clamp_(0, 255)  # bicubic overshoots; the uint8 eval path clamps too
         return out[0]  # (C, S, S) float32
 
     def __repr__(self) -> str:

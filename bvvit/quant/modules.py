@@ -51,8 +51,9 @@ def granularity_for(spec: TensorQuantSpec, role: str) -> Granularity:
 
 def observer_for(spec: TensorQuantSpec, role: str) -> Observer:
     kwargs = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
+    # Activation groups share one range across batch and tokens (shapes vary per batch).
     return make_observer(spec.observer, granularity=granularity_for(spec, role),
-                         symmetric=spec.symmetric, **kwargs)
+                         symmetric=spec.symmetric, reduce_other_dims=(role == "activation"), **kwargs)
 
 
 class ActQuantizer(nn.Module):

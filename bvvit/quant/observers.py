@@ -8,8 +8,10 @@ over.  Statistics follow the observer's granularity (see :mod:`bvvit.quant.primi
 * ``PerChannel(axis)``: one range per index of ``axis``, every other dim reduced, so
   ``PerChannel(axis=-1)`` gives per-channel ranges of (B, N, C) activations whatever B
   and N are, and ``PerChannel(axis=0)`` per-output-channel ranges of a weight.
-* ``PerGroup(g, axis)``: every other dim is kept (torchao's block semantics), so it is
-  meant for tensors of a fixed shape such as weights; a shape change raises ValueError.
+* ``PerGroup(g, axis)``: every other dim is kept (torchao's block semantics): one range
+  per row and group of a weight; a shape change raises ValueError.  With
+  ``reduce_other_dims=True`` the other dims are reduced as for ``PerChannel``: one range
+  per channel group of (B, N, C) activations, shared by all tokens and batches.
 
 ``make_observer("minmax" | "ema_minmax" | "percentile" | "mse", **kwargs)`` builds one
 by name.
@@ -53,9 +55,12 @@ class Observer:
     ``reset()``.
     """
 
-    def __init__(self, granularity: Granularity = PerTensor(), symmetric: bool = False) -> None:
+    def __init__(
+        self, granularity: Granularity = PerTensor(), symmetric: bool = False, reduce_other_dims: bool = False
+    ) -> None:
         self.granularity = granularity
         self.symmetric = symmetric
+        self.reduce_other_dims = reduce_other_dims  # PerGroup only; see the module docstring
         self.num_batches = 0
         self.reset()
 
@@ -106,7 +111,7 @@ class MinMaxObserver(Observer):
         self.max_val: Optional[Tensor] = None
 
     def _update(self, x: Tensor) -> None:
-        cur_min, cur_max = reduce_minmax(x, self.granularity)
+        cur_min, cur_max = reduce_minmax(x, self.granularity, self.reduce_other_dims)
         self._check_shape(self.min_val, cur_min)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = cur_min, cur_max
@@ -127,15 +132,19 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """
 
     def __init__(
-        self, granularity: Granularity = PerTensor(), symmetric: bool = False, averaging_constant: float = 0.01
+        self,
+        granularity: Granularity = PerTensor(),
+        symmetric: bool = False,
+        averaging_constant: float = 0.01,
+        reduce_other_dims: bool = False,
     ) -> None:
         if not 0.0 < averaging_constant <= 1.0:
             raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
         self.averaging_constant = averaging_constant
-        super().__init__(granularity, symmetric)
+        super().__init__(granularity, symmetric, reduce_other_dims)
 
     def _update(self, x: Tensor) -> None:
-        cur_min, cur_max = reduce_minmax(x, self.granularity)
+        cur_min, cur_max = reduce_minmax(x, self.granularity, self.reduce_other_dims)
         self._check_shape(self.min_val, cur_min)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = cur_min, cur_max
@@ -178,12 +187,16 @@ class PercentileObserver(Observer):
     """
 
     def __init__(
-        self, granularity: Granularity = PerTensor(), symmetric: bool = False, percentile: float = 99.99
+        self,
+        granularity: Granularity = PerTensor(),
+        symmetric: bool = False,
+        percentile: float = 99.99,
+        reduce_other_dims: bool = False,
     ) -> None:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         self.percentile = percentile
-        super().__init__(granularity, symmetric)
+        super().__init__(granularity, symmetric, reduce_other_dims)
 
     def reset(self) -> None:
         super().reset()
@@ -191,7 +204,7 @@ class PercentileObserver(Observer):
         self.max_sum: Optional[Tensor] = None
 
     def _update(self, x: Tensor) -> None:
-        rows, stat_shape = to_rows(x, self.granularity)
+        rows, stat_shape = to_rows(x, self.granularity, self.reduce_other_dims)
         q = self.percentile / 100.0
         if self.symmetric:
             cur_max = _row_quantile(rows.abs(), q).reshape(stat_shape)
@@ -232,6 +245,7 @@ class MSEObserver(Observer):
         max_samples_per_row: int = 2**18,
         max_total_samples: int = 2**24,
         seed: int = 0,
+        reduce_other_dims: bool = False,
     ) -> None:
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
@@ -242,7 +256,7 @@ class MSEObserver(Observer):
         self.max_samples_per_row = max_samples_per_row
         self.max_total_samples = max_total_samples
         self.seed = seed
-        super().__init__(granularity, symmetric)
+        super().__init__(granularity, symmetric, reduce_other_dims)
 
     def reset(self) -> None:
         super().reset()
@@ -253,14 +267,14 @@ class MSEObserver(Observer):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def _update(self, x: Tensor) -> None:
-        cur_min, cur_max = reduce_minmax(x, self.granularity)
+        cur_min, cur_max = reduce_minmax(x, self.granularity, self.reduce_other_dims)
         self._check_shape(self.min_val, cur_min)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = cur_min, cur_max
         else:
             self.min_val = torch.minimum(self.min_val, cur_min)
             self.max_val = torch.maximum(self.max_val, cur_max)
-        rows, _ = to_rows(x, self.granularity)
+        rows, _ = to_rows(x, self.granularity, self.reduce_other_dims)
         self._add_to_reservoir(rows)
 
     def _add_to_reservoir(self, rows: Tensor) -> None:

@@ -25,11 +25,14 @@ PerChannel(axis=-1)     (B, N, C)          (1, 1, C)              (B, N, 1)
 PerGroup(32, axis=-1)   (out, in)          (out, in/32, 1)        (1, 32)
                         grouped: (out, in/32, 32)
 PerGroup(8, axis=-1)    (B, N, C)          (B, N, C/8, 1)         (1, 1, 8)
+PerGroup(8) + reduce    (B, N, C)          (1, 1, C/8, 1)         (B, N, 8)
 ======================  =================  =====================  ====================
 
 ``PerGroup`` keeps every dimension except the grouped one (like torchao): groups are
 runs of ``group_size`` consecutive elements along ``axis``.  ``PerChannel`` reduces every
-dimension except ``axis``.  Use :func:`to_groups` / :func:`from_groups` (or the
+dimension except ``axis``; ``reduce_minmax(..., reduce_other_dims=True)`` gives
+``PerGroup`` the same rule (one range per channel group shared by every token: static
+activation ranges, last row of the table).  Use :func:`to_groups` / :func:`from_groups` (or the
 ``*_tensor`` functions, which take the granularity) instead of reshaping by hand.
 
 Symmetric quantization uses the signed range ``[-2^(b-1), 2^(b-1)-1]`` with
@@ -179,12 +182,15 @@ def from_groups(x_grouped: Tensor, granularity: PerGroup) -> Tensor:
     return x_grouped.reshape(*shape[:axis], shape[axis] * shape[axis + 1], *shape[axis + 2 :])
 
 
-def to_rows(x: Tensor, granularity: Granularity) -> tuple[Tensor, tuple[int, ...]]:
+def to_rows(
+    x: Tensor, granularity: Granularity, reduce_other_dims: bool = False
+) -> tuple[Tensor, tuple[int, ...]]:
     """Lay ``x`` out as ``rows`` of shape (R, M), one row per scale, and the stat shape.
 
     A per-row result ``r`` of shape (R,) becomes a qparam-shaped tensor with
     ``r.reshape(stat_shape)`` (the shape :func:`reduce_minmax` returns).  Used by
-    observers that need whole rows (percentiles, MSE search).
+    observers that need whole rows (percentiles, MSE search).  ``reduce_other_dims``
+    as in :func:`reduce_minmax`.
     """
     _check_granularity(granularity)
     if isinstance(granularity, PerTensor):
@@ -194,12 +200,16 @@ def to_rows(x: Tensor, granularity: Granularity) -> tuple[Tensor, tuple[int, ...
         stat_shape = tuple(s if d == axis else 1 for d, s in enumerate(x.shape))
         return x.movedim(axis, 0).reshape(x.shape[axis], -1), stat_shape
     xg = to_groups(x, granularity)
-    inner = _norm_axis(granularity.axis, x.dim()) + 1  # the group_size dim
+    outer = _norm_axis(granularity.axis, x.dim())  # the group index dim
+    inner = outer + 1  # the group_size dim
+    if reduce_other_dims:
+        stat_shape = tuple(s if d == outer else 1 for d, s in enumerate(xg.shape))
+        return xg.movedim(outer, 0).reshape(xg.shape[outer], -1), stat_shape
     stat_shape = tuple(1 if d == inner else s for d, s in enumerate(xg.shape))
     return xg.movedim(inner, -1).reshape(-1, granularity.group_size), stat_shape
 
 
-def _reduce_dims(x: Tensor, granularity: Granularity) -> tuple[Tensor, tuple[int, ...]]:
+def _reduce_dims(x: Tensor, granularity: Granularity, reduce_other_dims: bool) -> tuple[Tensor, tuple[int, ...]]:
     """The tensor to reduce (grouped for PerGroup) and the dims to reduce over."""
     _check_granularity(granularity)
     if isinstance(granularity, PerTensor):
@@ -207,18 +217,24 @@ def _reduce_dims(x: Tensor, granularity: Granularity) -> tuple[Tensor, tuple[int
     if isinstance(granularity, PerChannel):
         axis = _norm_axis(granularity.axis, x.dim())
         return x, tuple(d for d in range(x.dim()) if d != axis)
-    return to_groups(x, granularity), (_norm_axis(granularity.axis, x.dim()) + 1,)
+    outer = _norm_axis(granularity.axis, x.dim())
+    if reduce_other_dims:
+        return to_groups(x, granularity), tuple(d for d in range(x.dim() + 1) if d != outer)
+    return to_groups(x, granularity), (outer + 1,)
 
 
-def reduce_minmax(x: Tensor, granularity: Granularity) -> tuple[Tensor, Tensor]:
+def reduce_minmax(x: Tensor, granularity: Granularity, reduce_other_dims: bool = False) -> tuple[Tensor, Tensor]:
     """Min and max of ``x`` per granularity, keepdim-style (see the module table).
 
     PerTensor -> 0-d tensors; PerChannel(axis) -> size 1 on every dim but ``axis``;
-    PerGroup -> shape of ``to_groups(x)`` with the group_size dim reduced to 1.
+    PerGroup -> shape of ``to_groups(x)`` with the group_size dim reduced to 1, or with
+    ``reduce_other_dims=True`` size 1 on every dim but the group index (one range per
+    channel group shared by all tokens, for activations: (B, N, C) -> (1, 1, C/g, 1)).
+    ``reduce_other_dims`` changes nothing for PerTensor / PerChannel.
     """
     if x.numel() == 0:
         raise ValueError("cannot reduce an empty tensor")
-    xr, dims = _reduce_dims(x, granularity)
+    xr, dims = _reduce_dims(x, granularity, reduce_other_dims)
     if isinstance(granularity, PerTensor):
         return torch.aminmax(xr)
     return torch.amin(xr, dim=dims, keepdim=True), torch.amax(xr, dim=dims, keepdim=True)
@@ -286,19 +302,22 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
         q, scale_f, zp = _qvalues(x, scale, zero_point)
-        mask = (q >= qmin) & (q <= qmax)  # as torch: decided on the rounded, unclamped value
-        ctx.save_for_backward(mask)
+        if ctx.needs_input_grad[0]:
+            mask = (q >= qmin) & (q <= qmax)  # as torch: decided on the rounded, unclamped value
+            ctx.save_for_backward(mask)
         out = (torch.clamp(q, qmin, qmax) - zp) * scale_f
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
         (mask,) = ctx.saved_tensors
         return grad_out * mask.to(grad_out.dtype), None, None, None, None
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Quantize then dequantize; returns ``x.dtype``.
+    """Quantize then dequantize; computes in float32 and returns ``x.dtype``.
 
     Gradient w.r.t. ``x`` is 1 where ``zero_point + round(x / scale)`` lies in
     [qmin, qmax] and 0 elsewhere (torch's ``fake_quantize_*`` STE); no gradient flows

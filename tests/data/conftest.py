@@ -11,7 +11,6 @@ from PIL import Image
 
 from bvvit.data import fashion_mnist
 
-REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:

@@ -81,6 +81,20 @@ def test_per_group_weight_shapes_and_shape_change(name):
         obs.update(_randn(4, 5, 32))
 
 
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_per_group_activations_shared_across_tokens(name):
+    a, b = _randn(5, 2, 5, 16), _randn(6, 3, 7, 16)
+    obs = make_observer(name, granularity=PerGroup(4), reduce_other_dims=True)
+    obs.update(a)
+    obs.update(b)  # another batch shape is fine
+    qp = obs.compute_qparams(8)
+    assert qp.scale.shape == (1, 1, 4, 1)
+    assert qp.fake_quantize(a).shape == a.shape and qp.fake_quantize(b).shape == b.shape
+    if name == "minmax":
+        both = torch.cat([a.reshape(-1, 16), b.reshape(-1, 16)])
+        assert torch.equal(obs.max_val.flatten(), both.reshape(-1, 4, 4).amax(dim=(0, 2)))
+
+
 def test_ema_matches_torch_moving_average_observer():
     from torch.ao.quantization.observer import MovingAverageMinMaxObserver as TorchEMA
 

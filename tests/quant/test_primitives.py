@@ -279,6 +279,25 @@ def test_group_helpers_shapes_and_round_trip():
     assert torch.equal(rows.amax(1).reshape(stat_shape), max_val)
 
 
+def test_per_group_reduce_other_dims_for_activations():
+    a = _weight(4, (2, 3, 16))  # (B, N, C)
+    g = PerGroup(4)
+    min_val, max_val = reduce_minmax(a, g, reduce_other_dims=True)
+    assert min_val.shape == max_val.shape == (1, 1, 4, 1)
+    per_group = a.reshape(-1, 4, 4).transpose(0, 1).reshape(4, -1)  # (groups, B*N*4)
+    assert torch.equal(max_val.flatten(), per_group.amax(1))
+    assert torch.equal(min_val.flatten(), per_group.amin(1))
+    rows, stat_shape = to_rows(a, g, reduce_other_dims=True)
+    assert rows.shape == (4, 24) and stat_shape == (1, 1, 4, 1)
+    assert torch.equal(rows.amax(1).reshape(stat_shape), max_val)
+    # the same qparams serve any batch shape
+    qp = QParams(*choose_qparams(min_val, max_val, 8, True), 8, True, g)
+    assert qp.fake_quantize(_weight(5, (7, 1, 16))).shape == (7, 1, 16)
+    # PerTensor / PerChannel ignore the flag
+    for granularity in (PerTensor(), PerChannel(-1)):
+        assert torch.equal(reduce_minmax(a, granularity, True)[1], reduce_minmax(a, granularity)[1])
+
+
 def test_per_group_rejects_non_divisible_and_bad_size():
     with pytest.raises(ValueError):
         to_groups(torch.zeros(4, 30), PerGroup(8))

@@ -1,0 +1,155 @@
+"""quantize_model: the float model is untouched, calibration is explicit and deterministic,
+coverage is reported, and packed files reload bit for bit."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bvvit.config import LayerOverride, ModelConfig
+from bvvit.errors import CheckpointError, ConfigError
+from bvvit.model import VisionTransformer
+from bvvit.model_file import LoadedModel
+from bvvit.config import Preprocessing
+from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
+from bvvit.quant.primitives import sqnr
+from bvvit.quant.quantize import quantize_model
+from bvvit.quant.recipes import RECIPES, make_quant_config
+from bvvit.quant.storage import load_quantized_model, read_metadata, save_quantized_model
+
+CFG = ModelConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2,
+                  num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VisionTransformer(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(32, 1, 16, 16), torch.zeros(32, dtype=torch.long)),
+                      batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(2)
+    return torch.randn(8, 1, 16, 16)
+
+
+def test_float_model_untouched(model, calib):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel, _ = quantize_model(model, make_quant_config("mse", 4, 4), calib)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.config.fused_attn is True and qmodel is not model
+    assert all(not isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_everything_asked_for_is_quantized(model, calib):
+    qmodel, report = quantize_model(model, make_quant_config("minmax", 8, 8), calib)
+    linears = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block + head
+    assert sum(isinstance(m, QuantMatMul) for m in qmodel.modules()) == 4
+    assert sum(isinstance(m, QuantSoftmax) for m in qmodel.modules()) == 2
+    kinds = sorted({q.kind for _, q in act_quantizers(qmodel)})
+    assert kinds == ["image", "k", "linear_input", "q", "softmax", "v"]
+    assert not report.warnings
+    total = {(r["op"], r["tensor"]): r["count"] for r in report.coverage}
+    assert total[("Linear", "weight")] == 9 and total[("Conv2d", "weight")] == 1
+    assert total[("MatMul", "q")] == 2 and total[("Softmax", "softmax")] == 2
+
+
+def test_overrides_and_unmatched_pattern_warning(model, calib):
+    cfg = make_quant_config("minmax", 4, 4, overrides=[
+        LayerOverride("blocks.0.*", bits=8), LayerOverride("head", keep_float=True),
+        LayerOverride("no.such.layer", bits=6)])
+    qmodel, report = quantize_model(model, cfg, calib)
+    assert qmodel.blocks[0].attn.qkv.weight_qparams.bits == 8
+    assert qmodel.blocks[1].attn.qkv.weight_qparams.bits == 4
+    assert isinstance(qmodel.head, torch.nn.Linear) and not isinstance(qmodel.head, QuantLinear)
+    assert any("no.such.layer" in w for w in report.warnings)
+
+
+def test_static_quantization_without_calibration_is_an_error(model):
+    with pytest.raises(ConfigError, match="calibration"):
+        quantize_model(model, make_quant_config("mse", 8, 8), None)
+
+
+def test_calibration_is_deterministic(model, calib):
+    a, _ = quantize_model(model, make_quant_config("mse", 6, 6), calib)
+    b, _ = quantize_model(model, make_quant_config("mse", 6, 6), calib)
+    for (name, qa), (_, qb) in zip(act_quantizers(a), act_quantizers(b)):
+        assert torch.equal(qa.qparams.scale, qb.qparams.scale), name
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_error_falls_as_bits_rise(model, calib, images, recipe):
+    with torch.no_grad():
+        ref = model(images)
+        errors = {bits: sqnr(ref, quantize_model(model, make_quant_config(recipe, bits, bits), calib)[0](images))
+                  for bits in (4, 8, 16)}
+    assert errors[4] < errors[8] < errors[16]
+    # Test images are not the calibration images: clipping bounds the 16-bit SQNR.
+    assert errors[8] > 20 and errors[16] > 45
+
+
+def _loaded(model):
+    return LoadedModel(model, CFG, [f"c{i}" for i in range(5)], Preprocessing(img_size=16))
+
+
+@pytest.mark.parametrize("bits", list(range(2, 17)))
+def test_packed_file_reloads_bit_for_bit(model, calib, images, tmp_path, bits):
+    recipe = "mse" if bits in (4, 8) else "minmax"
+    cfg = make_quant_config(recipe, bits, bits)
+    qmodel, report = quantize_model(model, cfg, calib)
+    info = save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, _loaded(model), report)
+    reloaded, meta = load_quantized_model(tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(qmodel(images), reloaded(images))
+    assert meta["quant_config"]["w_bits"] == bits
+    assert info["size_bytes"] == (tmp_path / "q.safetensors").stat().st_size
+    packed = info["breakdown"]["packed_weights"]
+    weights = sum(m.weight_codes.numel() for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)) \
+        + qmodel.patch_embed.proj.weight_codes.numel()
+    assert packed <= weights * bits / 8 + 11  # at most one padding byte per tensor
+
+
+def test_fp16_float_parts_reload_bit_for_bit_and_shrink(model, calib, images, tmp_path):
+    cfg = make_quant_config("minmax", 4, 4)
+    q32, report = quantize_model(model, cfg, calib)
+    q16, _ = quantize_model(model, cfg, calib)
+    a = save_quantized_model(tmp_path / "a.safetensors", q32, cfg, _loaded(model), report)
+    b = save_quantized_model(tmp_path / "b.safetensors", q16, cfg, _loaded(model), report, float_dtype="fp16")
+    assert b["breakdown"]["float_parameters"] * 2 == a["breakdown"]["float_parameters"]
+    reloaded, _ = load_quantized_model(tmp_path / "b.safetensors")
+    with torch.no_grad():
+        assert torch.equal(q16(images), reloaded(images))
+
+
+def test_file_has_no_pickle_and_metadata(model, calib, tmp_path):
+    cfg = make_quant_config("minmax", 8, 8)
+    qmodel, report = quantize_model(model, cfg, calib)
+    save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, _loaded(model), report)
+    raw = (tmp_path / "q.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and header_len < len(raw)
+    assert b"\x80\x04" not in raw[:2] and b"torch" not in raw[:8]
+    meta = read_metadata(tmp_path / "q.safetensors")
+    assert meta["class_names"][0] == "c0" and "blocks.0.attn.qkv.input_quantizer" in meta["activations"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_file_is_a_clear_error(model, calib, tmp_path, damage):
+    cfg = make_quant_config("minmax", 8, 8)
+    qmodel, report = quantize_model(model, cfg, calib)
+    path = tmp_path / "q.safetensors"
+    save_quantized_model(path, qmodel, cfg, _loaded(model), report)
+    raw = path.read_bytes()
+    path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="q.safetensors"):
+        load_quantized_model(path)
