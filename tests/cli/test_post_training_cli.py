@@ -1,0 +1,91 @@
+"""post_training.py end to end on a tiny model, and its one-line errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tests.helpers import TINY_MODEL_ARGS, make_image_folder, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data = make_image_folder(tmp_path_factory.mktemp("data"), per_class=10)
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli("run.py", "--data-path", str(data), "--output-dir", str(out), "--epochs", "2",
+                     "--batch-size", "8", *TINY_MODEL_ARGS, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return data, out
+
+
+def _ptq(model_path, *extra):
+    return run_cli("post_training.py", "--model-path", str(model_path), "--no-progress",
+                   "--calib-size", "16", "--latency-runs", "2", *extra)
+
+
+def test_end_to_end(trained, tmp_path):
+    data, out = trained
+    result = _ptq(out / "vit_model.pth", "--bits", "4", "8", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["name"] for r in rows] == ["fp32", "w4a4", "w4a4-minmax", "w8a8", "w8a8-minmax"]
+    for column in ("name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
+                   "sqnr_db", "size_bytes", "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel"):
+        assert column in rows[0]
+    assert rows[0]["kernel"] == "float" and rows[1]["kernel"] == "simulated"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["calibration"]["split"] == "train" and len(summary["calibration"]["indices"]) == 16
+    assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "mse"
+    assert summary["variants"]["w8a8"]["coverage"]
+    # sizes are the real files
+    for row in rows[1:]:
+        path = tmp_path / "models" / f"vit_{row['name']}.safetensors"
+        assert int(row["size_bytes"]) == path.stat().st_size
+    assert int(rows[1]["size_bytes"]) < int(rows[3]["size_bytes"]) < int(rows[0]["size_bytes"])
+    assert "w4a4" in result.stdout and "SQNR" in result.stdout
+
+
+def test_decoupled_bits_and_default_output_dir(trained):
+    data, out = trained
+    result = _ptq(out / "vit_model.pth", "--w-bits", "4", "--a-bits", "8", "--baseline", "none")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out / "quantization" / "summary.csv")))
+    assert [r["name"] for r in rows] == ["fp32", "w4a8"]
+
+
+def _one_line(result, *fragments):
+    assert result.returncode == 2, (result.stdout[-500:], result.stderr)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_error_bits_out_of_range(trained, tmp_path):
+    _one_line(_ptq(trained[1] / "vit_model.pth", "--bits", "17"), "between 2 and 16")
+    _one_line(_ptq(trained[1] / "vit_model.pth", "--bits", "1"), "between 2 and 16")
+
+
+def test_error_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    _one_line(_ptq(bad), "notes.txt")
+    _one_line(_ptq(tmp_path / "missing.pth"), "does not exist")
+
+
+def test_error_classes_differ(trained, tmp_path):
+    other = make_image_folder(tmp_path / "other", classes=("dog", "eel", "fox"))
+    _one_line(_ptq(trained[1] / "vit_model.pth", "--data-path", str(other)), "classes")
+
+
+def test_error_calib_size_larger_than_train_split(trained):
+    _one_line(_ptq(trained[1] / "vit_model.pth", "--calib-size", "100000"), "--calib-size")
+
+
+def test_error_training_checkpoint_of_other_kind(tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save({"weight": torch.zeros(3)}, path)
+    _one_line(_ptq(path), "not a BV-ViT model file")
