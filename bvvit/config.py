@@ -267,10 +267,20 @@ class QuantConfig:
     patch_embed: bool = True
     head: bool = True
     overrides: list[LayerOverride] = dataclasses.field(default_factory=list)
+    # ViT-aware techniques (see bvvit/quant/reparam.py and gptq.py)
+    reparam_layernorm: bool = False  # fold per-channel post-LayerNorm ranges into LN + Linear
+    reparam_alpha: float = 1.0  # 1 = equalise channel ranges fully, 0 = not at all
+    gptq: bool = False  # GPTQ error-compensating rounding of Linear weights
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
     calib_size: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.reparam_alpha <= 1.0:
+            raise ConfigError(f"reparam_alpha must be in [0, 1], got {self.reparam_alpha}")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         for name in ("w_bits", "a_bits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 2 <= value <= 16:

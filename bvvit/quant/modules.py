@@ -50,6 +50,10 @@ def granularity_for(spec: TensorQuantSpec, role: str) -> Granularity:
 
 
 def observer_for(spec: TensorQuantSpec, role: str) -> Observer:
+    if spec.method == "log2":
+        from bvvit.quant.log2 import Log2Observer
+
+        return Log2Observer()
     kwargs = {"percentile": spec.percentile} if spec.observer == "percentile" else {}
     # Activation groups share one range across batch and tokens (shapes vary per batch).
     return make_observer(spec.observer, granularity=granularity_for(spec, role),

@@ -25,6 +25,8 @@ from tqdm import tqdm
 from bvvit.config import LayerOverride, QuantConfig, TensorQuantSpec
 from bvvit.errors import ConfigError
 from bvvit.model import Add, MatMul, Softmax, VisionTransformer
+from bvvit.quant.gptq import gptq_codes, input_hessians
+from bvvit.quant.reparam import reparameterize_layernorms
 from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, QuantLinear,
                                  QuantMatMul, QuantSoftmax, act_quantizers)
 
@@ -37,6 +39,7 @@ class QuantReport:
     coverage: list[dict[str, Any]] = field(default_factory=list)  # aggregated table rows
     layers: list[dict[str, Any]] = field(default_factory=list)  # one row per tensor
     warnings: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)  # technique-specific statistics
     calibration_images: int = 0
     calibration_time_s: float = 0.0
 
@@ -110,7 +113,7 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
     return qmodel, warnings
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: frozen qparams must be usable under autograd later
 def calibrate(qmodel: nn.Module, calibration_loader: Iterable, device: torch.device | str = "cpu",
               progress: bool = False) -> tuple[int, float]:
     """Observe activations on the calibration images, then freeze every quantizer.
@@ -188,19 +191,47 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
     Static activation quantization needs calibration data: ``calibration_loader=None``
     with any activation quantizer enabled raises :class:`ConfigError`.
     """
-    qmodel, warnings = convert(model, cfg)
+    needs_data = cfg.reparam_layernorm or cfg.gptq
+    if needs_data and calibration_loader is None:
+        raise ConfigError("LayerNorm reparameterization and GPTQ need calibration data")
+    start = time.perf_counter()
+    work = model
+    extras: dict[str, Any] = {}
+    if cfg.reparam_layernorm:
+        work = copy.deepcopy(model).eval()
+        extras["reparam"] = reparameterize_layernorms(work, calibration_loader, cfg.reparam_alpha, device)
+    qmodel, warnings = convert(work, cfg)
+    if cfg.gptq:
+        extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg, device)
     needs_calibration = bool(act_quantizers(qmodel))
-    report = QuantReport(config=cfg.to_dict(), warnings=warnings)
+    report = QuantReport(config=cfg.to_dict(), warnings=warnings, extras=extras)
     if needs_calibration:
         if calibration_loader is None:
             raise ConfigError("static activation quantization needs calibration data; "
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
-        report.calibration_images, report.calibration_time_s = calibrate(
-            qmodel, calibration_loader, device, progress)
+        report.calibration_images, _ = calibrate(qmodel, calibration_loader, device, progress)
+    report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)
     report.coverage, report.layers = coverage_table(qmodel)
     return qmodel.eval(), report
+
+
+def apply_gptq(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, cfg: QuantConfig,
+               device: torch.device | str = "cpu") -> list[str]:
+    """Replace round-to-nearest codes of every quantized Linear by GPTQ codes, using the
+    float model's inputs to that layer as the Hessian data. Returns the layers changed."""
+    names = [n for n, m in qmodel.named_modules()
+             if isinstance(m, QuantLinear) and m.weight_qparams is not None]
+    hessians = input_hessians(float_model, loader, names, device)
+    for name in names:
+        module = qmodel.get_submodule(name)
+        float_weight = float_model.get_submodule(name).weight
+        codes = gptq_codes(float_weight, hessians[name], module.weight_qparams, cfg.gptq_damp,
+                           act_order=cfg.gptq_act_order)
+        module.weight_codes = codes.to(module.weight_codes.dtype)
+        module.refresh_weight()
+    return names
 
 
 def is_observing(qmodel: nn.Module) -> bool:

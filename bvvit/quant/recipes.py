@@ -6,6 +6,8 @@ recipe      weights                                activations (incl. q, k, v, s
 minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-max
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
+vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization
+                                                   + log2 quantizer for softmax outputs
 ==========  =====================================  ======================================
 
 ``minmax`` is the naive baseline users compare against; ``mse`` is the default.
@@ -43,10 +45,21 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
     }
 
 
+def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
+    """ViT-aware: LayerNorm reparameterization, log2 softmax, GPTQ weights, MSE ranges."""
+    return {
+        **_mse(w_bits, a_bits),
+        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="log2"),
+        "reparam_layernorm": True,
+        "gptq": True,
+    }
+
+
 RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "minmax": _minmax,
     "percentile": _percentile,
     "mse": _mse,
+    "vit": _vit,
 }
 DEFAULT_RECIPE = "mse"
 

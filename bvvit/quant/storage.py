@@ -34,6 +34,7 @@ from bvvit.errors import CheckpointError
 from bvvit.io import atomic_path
 from bvvit.model import VisionTransformer
 from bvvit.quant.modules import QuantConv2d, QuantLinear, act_quantizers, weight_modules
+from bvvit.quant.log2 import qparams_from_dict
 from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits
 from bvvit.quant.primitives import QParams, granularity_from_dict, granularity_to_dict
 
@@ -205,7 +206,7 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
                 tensor.copy_(tensors[name].to(torch.float32))
         quantizers = dict(act_quantizers(qmodel))
         for name, qdict in meta["activations"].items():
-            quantizers[name].set_qparams(QParams.from_dict(qdict))
+            quantizers[name].set_qparams(qparams_from_dict(qdict))
         uncalibrated = [n for n, q in quantizers.items() if q.qparams is None]
         if uncalibrated:
             raise KeyError(f"no qparams for {uncalibrated[:3]}")

@@ -1,0 +1,487 @@
+"""What quantization does inside the model: activation and weight statistics against the
+quantization grids, per-tensor SQNR across bit depths, and (``--analysis full``) per-layer
+sensitivity (:mod:`bvvit.evaluate.sensitivity`).
+
+Every function returns JSON-safe data (:func:`json_safe`: ``inf`` becomes ``"inf"``);
+nothing here draws (:mod:`bvvit.report.plots` does).
+
+Tensors are named ``"<module>:<kind>"``: the module a quantizer sits on and the quantizer's
+kind, e.g. ``blocks.0.attn.qkv:linear_input``, ``blocks.0.attn.matmul_qk:q``,
+``blocks.0.attn.softmax:softmax``, ``blocks.0.residual2:residual``, ``patch_embed.proj:image``.
+The float tensors come from a copy of the FP model on its explicit attention path, hooked
+at the same places where :func:`bvvit.quant.quantize.convert` puts quantizers, so every
+tensor (the residual stream too) is seen even when a variant leaves it float.
+
+Levels (``--analysis``): ``none`` runs nothing; ``basic`` (default) adds activation and
+weight statistics and per-tensor SQNR on ``max_batches`` evaluation batches (seconds);
+``full`` also ranks layers by sensitivity (minutes; see :func:`sensitivity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from bvvit.evaluate.classification import json_safe, sqnr_db
+from bvvit.model import Add, MatMul, Softmax
+from bvvit.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, act_quantizers
+
+ANALYSIS_LEVELS = ("none", "basic", "full")
+DEFAULT_BINS = 120
+PERCENTILES = (0.01, 0.1, 1.0, 50.0, 99.0, 99.9, 99.99)
+
+# Tensor groups, in the order a report shows them.
+GROUPS = {
+    "image": "image / patch input",
+    "post_layernorm": "post-LayerNorm (qkv, fc1, head inputs)",
+    "qkv": "attention q, k, v",
+    "softmax": "softmax output (attention probabilities)",
+    "attn_out": "attention output (proj input)",
+    "post_gelu": "post-GELU (fc2 input)",
+    "residual": "residual stream (Add outputs)",
+}
+
+
+def tensor_group(layer: str, kind: str) -> str:
+    """The :data:`GROUPS` key of tensor ``layer:kind``."""
+    if kind in ("q", "k", "v"):
+        return "qkv"
+    if kind in ("image", "softmax", "residual"):
+        return kind
+    leaf = layer.rsplit(".", 1)[-1]
+    if leaf == "fc2":
+        return "post_gelu"
+    if leaf == "proj" and ".attn." in f".{layer}":
+        return "attn_out"
+    return "post_layernorm"  # qkv, fc1 and head read LayerNorm outputs
+
+
+def _tensor_info(tensor_id: str) -> dict[str, str]:
+    layer, _, kind = tensor_id.rpartition(":")
+    return {"id": tensor_id, "layer": layer, "kind": kind, "group": tensor_group(layer, kind)}
+
+
+# ------------------------------------------------------------------ hooks and inputs
+
+def float_reference(fp_model: nn.Module) -> nn.Module:
+    """A copy of the FP model on the explicit attention path (the input is untouched)."""
+    reference = copy.deepcopy(fp_model).eval()
+    if hasattr(reference, "set_fused_attn"):
+        reference.set_fused_attn(False)
+    return reference
+
+
+def _tap_points(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[int], str]]:
+    """(module name, module, input index or None for the output, kind): where
+    :func:`~bvvit.quant.quantize.convert` places quantizers, on the float model."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module, 0, "linear_input"
+        elif isinstance(module, nn.Conv2d):
+            yield name, module, 0, "image"
+        elif isinstance(module, MatMul):
+            if name.endswith("matmul_qk"):
+                yield name, module, 0, "q"
+                yield name, module, 1, "k"  # seen as k^T, like the quantizer sees it
+            else:  # attn @ v: the probabilities are the softmax output
+                yield name, module, 1, "v"
+        elif isinstance(module, Softmax):
+            yield name, module, None, "softmax"
+        elif isinstance(module, Add):
+            yield name, module, None, "residual"
+
+
+@contextmanager
+def _float_hooks(model: nn.Module, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    handles = []
+    for name, module, index, kind in _tap_points(model):
+        tensor_id = f"{name}:{kind}"
+        if index is None:
+            handles.append(module.register_forward_hook(
+                lambda _m, _args, out, tid=tensor_id: record(tid, out)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, tid=tensor_id, i=index: record(tid, args[i])))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def quantizer_ids(qmodel: nn.Module) -> list[tuple[str, ActQuantizer]]:
+    """(tensor id, quantizer) for every activation quantizer of ``qmodel``."""
+    return [(f"{name.rsplit('.', 1)[0]}:{q.kind}", q) for name, q in act_quantizers(qmodel)]
+
+
+@contextmanager
+def _quantizer_hooks(qmodel: nn.Module, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    handles = [q.register_forward_hook(lambda _m, _args, out, tid=tid: record(tid, out))
+               for tid, q in quantizer_ids(qmodel)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def take_batches(loader: Iterable, max_batches: Optional[int]) -> list[torch.Tensor]:
+    """The images of the first ``max_batches`` batches (all when None)."""
+    images = []
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        images.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    if not images:
+        raise ValueError("the loader yielded no images to analyse")
+    return images
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _as_dict(qmodels: Any) -> dict[str, nn.Module]:
+    if qmodels is None:
+        return {}
+    if isinstance(qmodels, nn.Module):
+        return {"quantized": qmodels}
+    return dict(qmodels)
+
+
+# ------------------------------------------------------------------ grids
+
+def grid_range(qparams: Any) -> dict[str, Any]:
+    """Clipping range ``[(qmin - zp) * s, (qmax - zp) * s]`` and step of a QParams.
+
+    Per-channel/group qparams give the union of the ranges (``lo``, ``hi``) and the median
+    channel's range (``lo_median``, ``hi_median``); ``step`` is the median scale.
+    """
+    scale = qparams.scale.detach().float().cpu().reshape(-1)
+    zero_point = qparams.zero_point.detach().float().cpu().reshape(-1).expand_as(scale)
+    lo = (qparams.qmin - zero_point) * scale
+    hi = (qparams.qmax - zero_point) * scale
+    out = {"bits": int(qparams.bits), "symmetric": bool(qparams.symmetric),
+           "granularity": "tensor" if scale.numel() == 1 else "channel",
+           "lo": float(lo.min()), "hi": float(hi.max()), "step": float(scale.median()),
+           "lo_median": float(lo.median()), "hi_median": float(hi.median())}
+    if scale.numel() == 1 and qparams.bits <= 5:  # few enough levels to draw each one
+        levels = torch.arange(qparams.qmin, qparams.qmax + 1, dtype=torch.float32)
+        out["levels"] = ((levels - zero_point[0]) * scale[0]).tolist()
+    return out
+
+
+# ------------------------------------------------------------------ activation statistics
+
+class _Running:
+    """Exact min/max/mean/std and a bounded random sample of one tensor's values."""
+
+    def __init__(self, sample_per_batch: int, generator: torch.Generator):
+        self.count, self.total, self.total_sq = 0, 0.0, 0.0
+        self.min, self.max = float("inf"), float("-inf")
+        self.samples: list[torch.Tensor] = []
+        self.sample_per_batch = sample_per_batch
+        self.generator = generator
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float().cpu()
+        self.count += flat.numel()
+        self.total += float(flat.double().sum())
+        self.total_sq += float((flat.double() ** 2).sum())
+        self.min, self.max = min(self.min, float(flat.min())), max(self.max, float(flat.max()))
+        if flat.numel() > self.sample_per_batch:
+            flat = flat[torch.randint(flat.numel(), (self.sample_per_batch,), generator=self.generator)]
+        self.samples.append(flat)
+
+
+@torch.inference_mode()
+def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, nn.Module] | None,
+                          loader: Iterable, max_batches: Optional[int] = 4, bins: int = DEFAULT_BINS,
+                          sample_size: int = 1 << 18) -> dict[str, Any]:
+    """Histogram and statistics of every float tensor a quantizer sees, with the grids.
+
+    ``qmodel``: one quantized model or ``{variant name: model}``; each variant's clipping
+    range, step and clipped fraction is attached to the tensors it quantizes. Two passes
+    over the first ``max_batches`` batches: exact min/max (and percentiles from a random
+    sample of up to ``sample_size`` values per tensor), then exact ``bins``-bin histograms
+    over [min, max] and the fraction of values outside each variant's range.
+
+    Returns ``{"images", "bins", "groups": {key: label}, "tensors": [...]}``; tensors in
+    execution order, each ``{"id", "layer", "kind", "group", "count", "min", "max", "mean",
+    "std", "abs_max", "percentiles": {"99.9": ...}, "histogram": {"edges", "counts"},
+    "quant": {variant: {"bits", "lo", "hi", "step", "granularity", "clipped_fraction", ...}}}``.
+    """
+    variants = _as_dict(qmodel)
+    reference = float_reference(fp_model)
+    device = _device(reference)
+    images = take_batches(loader, max_batches)
+    generator = torch.Generator().manual_seed(0)
+    per_batch = max(1, sample_size // len(images))
+    running: dict[str, _Running] = {}
+
+    def first_pass(tid: str, x: torch.Tensor) -> None:
+        running.setdefault(tid, _Running(per_batch, generator)).update(x)
+
+    with _float_hooks(reference, first_pass):
+        for batch in images:
+            reference(batch.to(device))
+
+    ranges = {name: {tid: grid_range(q.qparams) for tid, q in quantizer_ids(model) if q.qparams is not None}
+              for name, model in variants.items()}
+    edges = {tid: _edges(r.min, r.max, bins) for tid, r in running.items()}
+    counts = {tid: torch.zeros(bins, dtype=torch.float64) for tid in running}
+    clipped = {tid: {name: 0 for name in variants if tid in ranges[name]} for tid in running}
+
+    def second_pass(tid: str, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1).float().cpu()
+        lo, hi = edges[tid][0], edges[tid][-1]
+        counts[tid] += torch.histc(flat.clamp(lo, hi), bins, lo, hi).double()
+        for name in clipped[tid]:
+            grid = ranges[name][tid]
+            clipped[tid][name] += int(((flat < grid["lo"]) | (flat > grid["hi"])).sum())
+
+    with _float_hooks(reference, second_pass):
+        for batch in images:
+            reference(batch.to(device))
+
+    tensors = []
+    for tid, r in running.items():  # insertion order = execution order
+        sample = torch.cat(r.samples)
+        mean = r.total / r.count
+        quantiles = torch.quantile(sample.double(), torch.tensor(PERCENTILES, dtype=torch.float64) / 100)
+        entry = {**_tensor_info(tid), "count": r.count, "min": r.min, "max": r.max, "mean": mean,
+                 "std": max(0.0, r.total_sq / r.count - mean * mean) ** 0.5,
+                 "abs_max": max(abs(r.min), abs(r.max)),
+                 "percentiles": {_pct_key(p): float(v) for p, v in zip(PERCENTILES, quantiles)},
+                 "histogram": {"edges": edges[tid], "counts": [int(c) for c in counts[tid]]},
+                 "quant": {}}
+        for name, n_clipped in clipped[tid].items():
+            entry["quant"][name] = {**ranges[name][tid], "clipped_fraction": n_clipped / r.count}
+        tensors.append(entry)
+    return json_safe({"images": sum(int(b.shape[0]) for b in images), "bins": bins,
+                      "sample_size": sample_size, "groups": GROUPS, "tensors": tensors})
+
+
+def _edges(lo: float, hi: float, bins: int) -> list[float]:
+    if not hi > lo:  # a constant tensor still gets a visible bin
+        pad = max(abs(lo) * 1e-3, 1e-6)
+        lo, hi = lo - pad, hi + pad
+    return torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist()
+
+
+def _pct_key(p: float) -> str:
+    return f"{p:g}"
+
+
+# ------------------------------------------------------------------ weights
+
+def weight_layer_names(model: nn.Module) -> list[str]:
+    """Every Linear/Conv2d (float or quantized wrapper) in registration (= data) order."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d))]
+
+
+def default_weight_layers(model: nn.Module) -> list[str]:
+    """A few representative layers: patch embedding, first and last block, head."""
+    names = weight_layer_names(model)
+    depth = len(getattr(model, "blocks", []))
+    last = depth - 1
+    wanted = ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc2",
+              f"blocks.{last}.attn.proj", f"blocks.{last}.mlp.fc1", "head"]
+    chosen = [name for name in dict.fromkeys(wanted) if name in names]
+    return chosen or names[:6]
+
+
+@torch.inference_mode()
+def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.Module] | None,
+                      layers: Optional[list[str]] = None, bins: int = DEFAULT_BINS) -> dict[str, Any]:
+    """Histograms of selected float weights with each variant's grid and weight SQNR.
+
+    Returns ``{"bins", "layers": [{"layer", "shape", "min", "max", "std", "histogram",
+    "quant": {variant: {"bits", "lo", "hi", "lo_median", "hi_median", "step",
+    "granularity", "levels"?, "sqnr_db", "clipped_fraction"}}}]}``.
+    """
+    variants = _as_dict(qmodels)
+    layers = default_weight_layers(fp_model) if layers is None else layers
+    out = []
+    for layer in layers:
+        weight = fp_model.get_submodule(layer).weight.detach().float().cpu()
+        flat = weight.reshape(-1)
+        lo, hi = float(flat.min()), float(flat.max())
+        edges = _edges(lo, hi, bins)
+        counts = torch.histc(flat, bins, edges[0], edges[-1])
+        entry = {"layer": layer, "shape": list(weight.shape), "min": lo, "max": hi,
+                 "std": float(flat.std()) if flat.numel() > 1 else 0.0,
+                 "histogram": {"edges": edges, "counts": [int(c) for c in counts]}, "quant": {}}
+        for name, model in variants.items():
+            module = _get(model, layer)
+            if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
+                grid = grid_range(module.weight_qparams)
+                matrix = weight.reshape(weight.shape[0], -1)
+                ch_lo, ch_hi = _channel_range(module.weight_qparams, matrix.shape[0])
+                outside = ((matrix < ch_lo) | (matrix > ch_hi)).sum()
+                entry["quant"][name] = {**grid, "sqnr_db": sqnr_db(weight, module.weight.detach().cpu()),
+                                        "clipped_fraction": float(outside) / flat.numel()}
+        out.append(entry)
+    return json_safe({"bins": bins, "layers": out})
+
+
+def _channel_range(qparams: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (output channel) clipping limits, shaped (rows, 1) or (rows, groups)."""
+    scale = qparams.scale.detach().float().cpu()
+    zero_point = qparams.zero_point.detach().float().cpu()
+    lo, hi = (qparams.qmin - zero_point) * scale, (qparams.qmax - zero_point) * scale
+    if lo.numel() == 1:
+        return lo.reshape(1, 1), hi.reshape(1, 1)
+    if lo.numel() == rows:
+        return lo.reshape(rows, 1), hi.reshape(rows, 1)
+    # per-group: compare against the row's widest group (an upper bound on clipping)
+    return lo.reshape(rows, -1).amin(1, keepdim=True), hi.reshape(rows, -1).amax(1, keepdim=True)
+
+
+def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+# ------------------------------------------------------------------ per-tensor SQNR
+
+@torch.inference_mode()
+def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader: Iterable,
+                   max_batches: Optional[int] = 4) -> dict[str, Any]:
+    """SQNR (dB) of every quantized tensor against the float model's same tensor.
+
+    For each variant, the tensor at each quantizer's OUTPUT (so it carries the error
+    accumulated upstream, as the variant really runs) is compared with the float model's
+    tensor at that place, summed over the first ``max_batches`` batches:
+    ``10 log10(sum ref^2 / sum (ref - q)^2)``. Weight SQNR of every weight layer is added.
+
+    Returns ``{"images", "variants": [names], "tensors": [{"id", "layer", "kind", "group"}]
+    (execution order), "sqnr_db": {variant: [dB or None (float there), ...]},
+    "weights": {"layers": [...], "sqnr_db": {variant: [...]}}}``.
+    """
+    variants = _as_dict(qmodels)
+    reference = float_reference(fp_model)
+    device = _device(reference)
+    images = take_batches(loader, max_batches)
+    order: list[str] = []
+    sums = {name: {} for name in variants}  # variant -> tid -> [signal, noise]
+
+    for batch in images:
+        batch = batch.to(device)
+        float_tensors: dict[str, torch.Tensor] = {}
+
+        def keep(tid: str, x: torch.Tensor) -> None:
+            float_tensors.setdefault(tid, x.detach())
+
+        with _float_hooks(reference, keep):
+            reference(batch)
+        for tid in float_tensors:
+            if tid not in order:
+                order.append(tid)
+        for name, model in variants.items():
+            def compare(tid: str, out: torch.Tensor, name: str = name) -> None:
+                ref = float_tensors.get(tid)
+                if ref is None or ref.shape != out.shape:
+                    return
+                ref64 = ref.double()
+                acc = sums[name].setdefault(tid, [0.0, 0.0])
+                acc[0] += float((ref64 ** 2).sum())
+                acc[1] += float(((ref64 - out.detach().double()) ** 2).sum())
+
+            with _quantizer_hooks(model, compare):
+                model(batch.to(_device(model)))
+
+    table = {name: [_sqnr_from(sums[name].get(tid)) for tid in order] for name in variants}
+    weight_layers = weight_layer_names(fp_model)
+    weight_table = {}
+    for name, model in variants.items():
+        row = []
+        for layer in weight_layers:
+            module = _get(model, layer)
+            if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
+                row.append(sqnr_db(fp_model.get_submodule(layer).weight.detach().cpu(),
+                                   module.weight.detach().cpu()))
+            else:
+                row.append(None)
+        weight_table[name] = row
+    return json_safe({"images": sum(int(b.shape[0]) for b in images), "variants": list(variants),
+                      "tensors": [_tensor_info(tid) for tid in order], "sqnr_db": table,
+                      "weights": {"layers": weight_layers, "sqnr_db": weight_table}})
+
+
+def _sqnr_from(acc: Optional[list[float]]) -> Optional[float]:
+    if acc is None:
+        return None
+    signal, noise = acc
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * torch.log10(torch.tensor(signal / noise, dtype=torch.float64)).item()
+
+
+# ------------------------------------------------------------------ the analysis stage
+
+def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Module],
+                 calib_loader: Optional[Iterable], eval_loader: Iterable,
+                 reference_logits: Optional[torch.Tensor] = None,
+                 make_config: Optional[Callable[[int, list], Any]] = None, *,
+                 max_batches: int = 4, sensitivity_bits: tuple[int, ...] = (4, 6),
+                 sensitivity_images: int = 1000, progress: bool = False) -> dict[str, Any]:
+    """The analysis behind the report, at ``level`` none | basic | full.
+
+    ``qmodels``: ``{variant name: quantized model}`` as in summary.json. ``basic`` uses the
+    first ``max_batches`` batches of ``eval_loader``; ``full`` also runs
+    :func:`~bvvit.evaluate.sensitivity.sensitivity` (needs ``calib_loader`` and
+    ``make_config(bits, overrides) -> QuantConfig``) on the first ``sensitivity_images``
+    evaluation images.
+
+    Returns ``{"level", "settings", "timing_s", "activations"?, "weights"?, "sqnr"?,
+    "sensitivity"?: {"rows", "suggested_overrides", "cli", "bits", "images"}}``.
+    """
+    if level not in ANALYSIS_LEVELS:
+        raise ValueError(f"analysis level must be one of {', '.join(ANALYSIS_LEVELS)}, got {level!r}")
+    result: dict[str, Any] = {"level": level, "timing_s": {},
+                              "settings": {"max_batches": max_batches}}
+    if level == "none":
+        return result
+    timing = result["timing_s"]
+    start = time.perf_counter()
+    result["activations"] = activation_statistics(fp_model, qmodels, eval_loader, max_batches)
+    timing["activations"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result["weights"] = weight_statistics(fp_model, qmodels)
+    result["sqnr"] = per_layer_sqnr(fp_model, qmodels, eval_loader, max_batches)
+    timing["sqnr"] = time.perf_counter() - start
+    if level == "full":
+        from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
+
+        if make_config is None or calib_loader is None:
+            raise ValueError("analysis 'full' needs make_config and calib_loader for sensitivity")
+        start = time.perf_counter()
+        rows = sensitivity(fp_model, make_config, calib_loader, eval_loader, bits=sensitivity_bits,
+                           reference_logits=reference_logits, max_images=sensitivity_images,
+                           progress=progress)
+        suggested = suggest_overrides(rows)
+        result["sensitivity"] = {"rows": rows, "suggested_overrides": suggested,
+                                 "cli": overrides_cli(suggested), "bits": list(sensitivity_bits),
+                                 "images": rows[0]["images"] if rows else 0}
+        timing["sensitivity"] = time.perf_counter() - start
+    result["settings"].update({"sensitivity_bits": list(sensitivity_bits),
+                               "sensitivity_images": sensitivity_images})
+    return json_safe(result)
+
+
+__all__ = ["ANALYSIS_LEVELS", "GROUPS", "activation_statistics", "weight_statistics",
+           "per_layer_sqnr", "run_analysis", "grid_range", "tensor_group", "quantizer_ids",
+           "float_reference", "take_batches", "default_weight_layers"]

@@ -1,0 +1,96 @@
+"""Post-LayerNorm reparameterization (the idea of RepQ-ViT), exact in float.
+
+The outputs of ``norm1``/``norm2`` (the inputs of ``qkv``/``fc1``) have a few channels
+with ranges tens of times wider than the rest, so one per-tensor scale wastes most of
+its levels. Per-channel activation scales would fix that but need per-channel integer
+kernels. Instead, a per-channel affine change of variables moves the channel spread
+into the LayerNorm's affine and the next Linear's weights, which are quantized per
+output channel anyway:
+
+    y  = r * y' + d                   (per channel c: r_c > 0, d_c)
+    LN:     gamma' = gamma / r,   beta' = (beta - d) / r          so LN'(x) = y'
+    Linear: W' = W * r (columns), b' = b + W @ d                   so W' y' + b' = W y + b
+
+``r`` equalises the channel ranges of y' (``alpha`` = 1: fully, 0: not at all) and ``d``
+centres them, so every channel of y' has the same range and inference stays per-tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from bvvit.model import VisionTransformer
+
+
+def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
+    """(LayerNorm, the Linear that consumes its output) for every block and the head."""
+    pairs = []
+    for i in range(len(model.blocks)):
+        pairs.append((f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"))
+        pairs.append((f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1"))
+    pairs.append(("norm", "head"))
+    return pairs
+
+
+@torch.no_grad()
+def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
+                   device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (min, max) of each named module's output over ``loader``.
+
+    For the final ``norm`` only the class token is used (it is all the head sees).
+    """
+    ranges: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in names:
+        def hook(module, inputs, output, name=name):
+            out = output[:, :1] if name == "norm" else output
+            flat = out.detach().float().reshape(-1, out.shape[-1])
+            lo, hi = flat.min(dim=0).values, flat.max(dim=0).values
+            if name in ranges:
+                ranges[name] = [torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)]
+            else:
+                ranges[name] = [lo, hi]
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        model.eval()
+        for images, _ in loader:
+            model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
+
+
+@torch.no_grad()
+def fold_channel_affine(norm: nn.LayerNorm, linear: nn.Linear, r: torch.Tensor, d: torch.Tensor) -> None:
+    """Apply ``y = r * y' + d`` between ``norm`` and ``linear`` in place (exact in float)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+    linear.bias.add_(linear.weight @ d)
+    linear.weight.mul_(r.unsqueeze(0))
+    norm.weight.div_(r)
+    norm.bias.sub_(d).div_(r)
+
+
+@torch.no_grad()
+def reparameterize_layernorms(model: VisionTransformer, loader: Iterable, alpha: float = 1.0,
+                              device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Equalise post-LayerNorm channel ranges of ``model`` in place; returns statistics
+    (max/median channel range before and after) per LayerNorm."""
+    pairs = norm_linear_pairs(model)
+    ranges = channel_ranges(model, loader, [norm for norm, _ in pairs], device)
+    stats = {}
+    for norm_name, linear_name in pairs:
+        lo, hi = ranges[norm_name]
+        width = (hi - lo).clamp(min=1e-6)
+        mid = (hi + lo) / 2
+        r = (width / width.median()).pow(alpha).clamp(min=1e-3)
+        d = mid - r * mid.median()
+        fold_channel_affine(model.get_submodule(norm_name), model.get_submodule(linear_name), r, d)
+        after = width / r
+        stats[norm_name] = {"max_over_median_before": float(width.max() / width.median()),
+                            "max_over_median_after": float(after.max() / after.median())}
+    return stats
