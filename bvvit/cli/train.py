@@ -67,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Heavy imports after parsing so that --help is instant.
     from bvvit.data import resolve_data
-    from bvvit.train.runner import fit, model_config_for_data
+    from bvvit.train.distributed import shutdown_distributed
+    from bvvit.train.runner import TrainingInterrupted, fit, model_config_for_data
 
     cfg = TrainConfig(
         data_path=args.data_path, output_dir=args.output_dir, epochs=args.epochs,
@@ -83,7 +84,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
         mlp_ratio=args.mlp_ratio, qkv_bias=not args.no_qkv_bias, drop_rate=args.drop_rate,
         attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path_rate)
-    fit(model_cfg, cfg, source, argv=list(sys.argv if argv is None else argv))
+    try:
+        fit(model_cfg, cfg, source, argv=list(sys.argv if argv is None else argv))
+    except TrainingInterrupted as stopped:
+        return stopped.exit_code
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -77,13 +77,15 @@ def _worker_error_one_line(exc: BVViTError) -> BVViTError | None:
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                 seed: int = 0, drop_last: bool = False) -> SeededLoader:
+                 seed: int = 0, drop_last: bool = False, sampler=None) -> SeededLoader:
     """A loader over ``dataset``; call ``set_epoch(loader, epoch)`` before each epoch.
 
-    Worker processes persist across epochs when ``workers > 0``; memory is pinned only
-    when CUDA is available.
+    ``sampler`` (e.g. a rank-sharded sampler for distributed training) replaces
+    ``shuffle``; its ``set_epoch`` is called by :func:`set_epoch`. Worker processes
+    persist across epochs when ``workers > 0``; memory is pinned only when CUDA is available.
     """
-    return SeededLoader(dataset, seed=seed, batch_size=batch_size, shuffle=shuffle,
+    return SeededLoader(dataset, seed=seed, batch_size=batch_size,
+                        shuffle=shuffle if sampler is None else None, sampler=sampler,
                         num_workers=workers, drop_last=drop_last,
                         persistent_workers=workers > 0,
                         pin_memory=torch.cuda.is_available())

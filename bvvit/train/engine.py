@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bvvit.evaluate.classification import classification_metrics, collect_logits
+from bvvit.evaluate.classification import collect_logits
 
 
 @dataclass
@@ -48,30 +48,48 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@dataclass
+class EpochProgress:
+    """Running sums of one training epoch; saved in mid-epoch checkpoints."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EpochProgress":
+        return cls(**{k: data[k] for k in ("steps", "loss_sum", "correct", "images", "time_s")})
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, criterion: nn.Module,
                     device: torch.device, precision: Precision,
                     scaler: Optional[torch.amp.GradScaler] = None,
                     clip_grad: Optional[float] = None, progress: bool = True,
-                    desc: str = "train", on_step: Optional[Callable[[int], None]] = None
-                    ) -> dict[str, float]:
-    """Train for one pass over ``loader``; the scheduler steps once per batch.
+                    desc: str = "train", state: Optional[EpochProgress] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> tuple[EpochProgress, bool]:
+    """Train over ``loader`` (the scheduler steps once per batch), continuing ``state``.
 
-    Returns ``loss`` (mean over images), ``acc`` (percent top-1 on the augmented batches),
-    ``images``, ``time_s`` and ``images_per_s``.
+    Returns the epoch's running sums and whether it stopped early because
+    ``should_stop()`` turned true (checked after every step, e.g. on SIGINT/SIGTERM).
     """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
+    state = state or EpochProgress()
+    start = time.perf_counter() - state.time_s
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for step, (images, targets) in enumerate(bar):
+    for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(images)  # (B, num_classes)
             loss = criterion(logits, targets)
         if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; "
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {state.steps}; "
                                      "lower --lr or enable --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -88,28 +106,44 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             optimizer.step()
         scheduler.step()
         batch = images.shape[0]
-        total_loss += loss.item() * batch
-        correct += (logits.argmax(dim=1) == targets).sum().item()
-        seen += batch
+        state.steps += 1
+        state.loss_sum += loss.item() * batch
+        state.correct += int((logits.argmax(dim=1) == targets).sum().item())
+        state.images += batch
+        state.time_s = time.perf_counter() - start
         if progress:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
-        if on_step is not None:
-            on_step(step)
-    elapsed = time.perf_counter() - start
-    return {
-        "loss": total_loss / max(seen, 1),
-        "acc": 100.0 * correct / max(seen, 1),
-        "images": seen,
-        "time_s": elapsed,
-        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
-    }
+            bar.set_postfix(loss=f"{state.loss_sum / state.images:.4f}",
+                            img_s=f"{state.images / max(state.time_s, 1e-9):.0f}")
+        if should_stop is not None and should_stop():
+            bar.close()
+            return state, True
+    return state, False
 
 
-def validate(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
-             progress: bool = True) -> dict[str, Any]:
-    """Top-1, top-5 and loss on the validation split (float32 unless autocast is on)."""
+def epoch_metrics(loss_sum: float, correct: float, images: float, time_s: float) -> dict[str, float]:
+    return {"loss": loss_sum / max(images, 1), "acc": 100.0 * correct / max(images, 1),
+            "images": images, "time_s": time_s,
+            "images_per_s": images / time_s if time_s > 0 else 0.0}
+
+
+@torch.no_grad()
+def validation_sums(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
+                    progress: bool = True) -> list[float]:
+    """[loss sum, top-1 correct, top-5 correct, images] over this process's share."""
     with precision.autocast():
         logits, labels = collect_logits(model, loader, device=device, progress=progress, desc="val")
-    metrics = classification_metrics(logits.float(), labels)
-    return {"loss": metrics["loss"], "acc": metrics["top1"], "top5": metrics["top5"]}
+    logits = logits.float()
+    if logits.shape[0] == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    loss_sum = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    correct1 = float((topk[:, 0] == labels).sum())
+    correct5 = float((topk == labels.unsqueeze(1)).any(dim=1).sum())
+    return [loss_sum, correct1, correct5, float(labels.numel())]
+
+
+def validation_metrics(sums: list[float]) -> dict[str, float]:
+    loss_sum, correct1, correct5, images = sums
+    images = max(images, 1.0)
+    return {"loss": loss_sum / images, "acc": 100.0 * correct1 / images, "top5": 100.0 * correct5 / images}

@@ -29,7 +29,10 @@ from bvvit.model import VisionTransformer, count_parameters, load_pretrained
 from bvvit.model_file import model_payload, save_model_file, state_dict_of
 from bvvit.train.checkpoint import (capture_rng_state, find_resume_checkpoint,
                                     restore_rng_state, save_checkpoint)
-from bvvit.train.engine import choose_precision, train_one_epoch, validate
+from bvvit.train.distributed import (DistInfo, ShardedEpochSampler, ShardSampler, all_reduce_sums,
+                                     barrier, init_distributed)
+from bvvit.train.engine import (EpochProgress, choose_precision, epoch_metrics, train_one_epoch,
+                                validation_metrics, validation_sums)
 from bvvit.train.log import (TensorBoardSink, epoch_row, plot_training_curves,
                              write_metrics_csv)
 
@@ -104,11 +107,44 @@ def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
                               f"({first[:200]}); use matching --embed-dim/--depth/--patch-size") from None
 
 
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; training checks it after every step."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> "_StopFlag":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving "
+              "a resumable checkpoint (send again to abort without saving)", flush=True)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
         argv: Optional[list[str]] = None) -> TrainResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     device = resolve_device(cfg.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     precision = choose_precision(device, cfg.amp)
     torch.manual_seed(cfg.seed)
 
@@ -119,20 +155,22 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training split "
                           f"({len(train_set)} images); lower it")
-    train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers,
-                                seed=cfg.seed, drop_last=True)
-    val_loader = build_loader(val_set, cfg.eval_batch_size or max(cfg.batch_size, 256),
-                              shuffle=False, workers=cfg.workers)
+    sampler = ShardedEpochSampler(len(train_set), cfg.batch_size, info, cfg.seed)
+    train_loader = build_loader(train_set, sampler.local_batch, shuffle=False, workers=cfg.workers,
+                                seed=cfg.seed + info.rank, drop_last=True, sampler=sampler)
+    val_loader = build_loader(val_set, cfg.eval_batch_size or max(sampler.local_batch, 256),
+                              shuffle=False, workers=cfg.workers,
+                              sampler=ShardSampler(len(val_set), info) if info.enabled else None)
 
     point = find_resume_checkpoint(cfg.resume, out) if cfg.resume else None
     model = VisionTransformer(model_cfg)
     if cfg.pretrained_path and point is None:
         skipped = _load_pretrained_file(model, cfg.pretrained_path)
-        print(f"loaded pretrained weights from {cfg.pretrained_path}"
-              + (f" (new head: {', '.join(skipped)})" if skipped else ""))
+        _say(info, f"loaded pretrained weights from {cfg.pretrained_path}"
+             + (f" (new head: {', '.join(skipped)})" if skipped else ""))
     model.to(device)
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     # Warmup never takes more than half the run (short smoke runs still anneal).
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
@@ -142,76 +180,152 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     start_epoch, history, best_acc = 0, [], -1.0
+    partial: Optional[EpochProgress] = None
+    rng_at_stop: Optional[dict[str, Any]] = None
     if cfg.resume and point is None:
-        print(f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
+        _say(info, f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
     elif point is not None:
         start_epoch, history, best_acc = _restore(point.payload, str(point.path), model,
                                                   optimizer, scheduler, scaler, model_cfg)
+        if point.payload.get("epoch_progress"):
+            partial = EpochProgress.from_dict(point.payload["epoch_progress"])
+            rng_at_stop = point.payload.get("rng")
         note = " (last.pth was unreadable: used the backup)" if point.fell_back else ""
-        print(f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done")
+        where = f", {partial.steps} steps into epoch {start_epoch + 1}" if partial else ""
+        _say(info, f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done{where}")
+
+    train_model: nn.Module = model
+    if info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     class_names = list(source.class_names)
     data_info = {"data_path": cfg.data_path, "kind": source.kind, "root": str(source.root)}
-    run_info = _run_info(model_cfg, cfg, source, pre, model, precision.name, argv)
-    atomic_write_json(out / "config.json", run_info)
-    print(f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
-    print(f"model: ViT {model_cfg.depth}x{model_cfg.embed_dim}, patch {model_cfg.patch_size}, "
-          f"{count_parameters(model) / 1e6:.2f}M parameters; device {device}, {precision.name}, "
-          f"{torch.get_num_threads()} threads")
+    if info.is_main:
+        atomic_write_json(out / "config.json",
+                          _run_info(model_cfg, cfg, source, pre, model, precision.name, argv, info))
+    _say(info, f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
+    _say(info, f"model: ViT {model_cfg.depth}x{model_cfg.embed_dim}, patch {model_cfg.patch_size}, "
+         f"{count_parameters(model) / 1e6:.2f}M parameters; device {device}, {precision.name}, "
+         f"{torch.get_num_threads()} threads" + (f", {info.world_size} processes" if info.enabled else ""))
 
-    tensorboard = TensorBoardSink(out / "tensorboard") if cfg.tensorboard else None
-    stop_after = os.environ.get("BVVIT_KILL_AFTER_EPOCH")  # test hook: simulate a crash
+    tensorboard = TensorBoardSink(out / "tensorboard") if cfg.tensorboard and info.is_main else None
+    kill_after = os.environ.get("BVVIT_KILL_AFTER_EPOCH")  # test hook: simulate a crash
+    stop_after_steps = os.environ.get("BVVIT_SIGNAL_AFTER_STEPS")  # test hook: self-SIGINT
+    stop = _StopFlag().install()
     run_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        torch.manual_seed(_seed_epoch(cfg.seed, epoch))
-        set_epoch(train_loader, epoch)
-        train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, criterion,
-                                        device, precision, scaler, cfg.clip_grad, cfg.progress,
-                                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        val_metrics = validate(model, val_loader, device, precision, cfg.progress)
-        row = epoch_row(epoch + 1, train_metrics, val_metrics, optimizer.param_groups[0]["lr"],
-                        time.perf_counter() - epoch_start)
-        history.append(row)
-        is_best = row["val_acc"] > best_acc
-        best_acc = max(best_acc, row["val_acc"])
-        payload = model_payload(model, class_names, pre, data_info, {"val_acc": row["val_acc"]})
-        payload.update({
-            "kind": "bvvit-training-checkpoint",
-            "epoch": epoch + 1,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": capture_rng_state(),
-            "best_val_acc": best_acc,
-            "history": history,
-            "train_config": cfg.to_dict(),
-        })
-        save_checkpoint(ckpt_dir, payload, is_best)
-        write_metrics_csv(out / "metrics.csv", history)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(_seed_epoch(cfg.seed + 7919 * info.rank, epoch))  # ranks augment differently
+            set_epoch(train_loader, epoch)
+            state = None
+            if partial is not None:  # continue an interrupted epoch exactly where it stopped
+                sampler.set_start_step(partial.steps)
+                state, partial = partial, None
+                if rng_at_stop:
+                    restore_rng_state(rng_at_stop)
+            should_stop = stop
+            if stop_after_steps:
+                limit = int(stop_after_steps)
+                should_stop = lambda: stop() or _self_signal(stop, scheduler, limit)  # noqa: E731
+            state, interrupted = train_one_epoch(
+                train_model, train_loader, optimizer, scheduler, criterion, device, precision,
+                scaler, cfg.clip_grad, cfg.progress and info.is_main,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}", state=state, should_stop=should_stop)
+            if interrupted:
+                payload = _training_payload(model, class_names, pre, data_info, optimizer, scheduler,
+                                            scaler, epoch, best_acc, history, cfg, state)
+                if info.is_main:
+                    save_checkpoint(ckpt_dir, payload, is_best=False)
+                barrier(info)
+                _say(info, f"saved {ckpt_dir / 'last.pth'} at epoch {epoch + 1}, step {state.steps}; "
+                     "continue with the same command plus --resume auto")
+                raise TrainingInterrupted(128 + (stop.signum or signal.SIGINT))
+            train_sums = all_reduce_sums([state.loss_sum, state.correct, state.images], info, device)
+            train_metrics = epoch_metrics(*train_sums, state.time_s)
+            train_metrics["images_per_s"] *= info.world_size if info.enabled else 1
+            val_metrics = validation_metrics(all_reduce_sums(
+                validation_sums(model, val_loader, device, precision, cfg.progress and info.is_main),
+                info, device))
+            row = epoch_row(epoch + 1, train_metrics, val_metrics, optimizer.param_groups[0]["lr"],
+                            state.time_s)
+            history.append(row)
+            is_best = row["val_acc"] > best_acc
+            best_acc = max(best_acc, row["val_acc"])
+            if info.is_main:
+                payload = _training_payload(model, class_names, pre, data_info, optimizer, scheduler,
+                                            scaler, epoch + 1, best_acc, history, cfg, None)
+                save_checkpoint(ckpt_dir, payload, is_best)
+                write_metrics_csv(out / "metrics.csv", history)
+                if tensorboard:
+                    tensorboard.log(row)
+            barrier(info)
+            _say(info, f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} "
+                 f"top-1 {row['val_acc']:.2f}% top-5 {row['val_top5']:.2f}% | lr {row['lr']:.2e} | "
+                 f"{row['epoch_time_s']:.1f}s, {row['train_images_per_s']:.0f} img/s")
+            if kill_after is not None and epoch + 1 == int(kill_after) and info.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        stop.restore()
         if tensorboard:
-            tensorboard.log(row)
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-              f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} "
-              f"top-1 {row['val_acc']:.2f}% top-5 {row['val_top5']:.2f}% | lr {row['lr']:.2e} | "
-              f"{row['epoch_time_s']:.1f}s, {row['train_images_per_s']:.0f} img/s", flush=True)
-        if stop_after is not None and epoch + 1 == int(stop_after):
-            os.kill(os.getpid(), signal.SIGKILL)
+            tensorboard.close()
 
-    if tensorboard:
-        tensorboard.close()
     final_metrics = {"val_acc": history[-1]["val_acc"] if history else None,
                      "best_val_acc": best_acc, "epochs": cfg.epochs}
     model_path = out / MODEL_FILE
-    save_model_file(model_path, model, class_names, pre, data_info, final_metrics)
-    write_metrics_csv(out / "metrics.csv", history)
-    plot_training_curves(out / "training_curves.png", history,
-                         title=f"ViT {model_cfg.depth}x{model_cfg.embed_dim}/p{model_cfg.patch_size} "
-                               f"on {source.kind}")
+    if info.is_main:
+        save_model_file(model_path, model, class_names, pre, data_info, final_metrics)
+        write_metrics_csv(out / "metrics.csv", history)
+        plot_training_curves(out / "training_curves.png", history,
+                             title=f"ViT {model_cfg.depth}x{model_cfg.embed_dim}/p{model_cfg.patch_size} "
+                                   f"on {source.kind}")
+    barrier(info)
     total = time.perf_counter() - run_start
-    print(f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
-          f"model written to {model_path}")
+    _say(info, f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
+         f"model written to {model_path}")
     return TrainResult(out, model_path, history, best_acc, total)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal-triggered checkpoint; carries the exit code (128 + signal)."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"training interrupted (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+def _self_signal(stop: _StopFlag, scheduler: Any, limit: int) -> bool:
+    """Test hook: send ourselves SIGINT once ``limit`` optimizer steps have run."""
+    if scheduler.last_epoch >= limit and stop.signum is None:
+        os.kill(os.getpid(), signal.SIGINT)
+    return stop()
+
+
+def _say(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(message, flush=True)
+
+
+def _training_payload(model: nn.Module, class_names: list[str], pre: Preprocessing,
+                      data_info: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                      scaler: Any, epochs_done: int, best_acc: float, history: list[dict[str, Any]],
+                      cfg: TrainConfig, progress: Optional[EpochProgress]) -> dict[str, Any]:
+    payload = model_payload(model, class_names, pre, data_info,
+                            {"val_acc": history[-1]["val_acc"] if history else None})
+    payload.update({
+        "kind": "bvvit-training-checkpoint",
+        "epoch": epochs_done,  # completed epochs
+        "epoch_progress": progress.to_dict() if progress is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": capture_rng_state(),
+        "best_val_acc": best_acc,
+        "history": list(history),
+        "train_config": cfg.to_dict(),
+    })
+    return payload
 
 
 def _restore(payload: dict[str, Any], source: str, model: VisionTransformer,
@@ -239,8 +353,10 @@ def _restore(payload: dict[str, Any], source: str, model: VisionTransformer,
 
 
 def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre: Preprocessing,
-              model: nn.Module, precision: str, argv: Optional[list[str]]) -> dict[str, Any]:
+              model: nn.Module, precision: str, argv: Optional[list[str]],
+              info: DistInfo) -> dict[str, Any]:
     return {
+        "world_size": info.world_size,
         "bvvit_version": __version__,
         "command": argv,
         "model": model_cfg.to_dict(),
@@ -254,4 +370,4 @@ def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre:
     }
 
 
-__all__ = ["fit", "TrainResult", "model_config_for_data", "resolve_device", "MODEL_FILE"]
+__all__ = ["fit", "TrainResult", "TrainingInterrupted", "model_config_for_data", "resolve_device", "MODEL_FILE"]

@@ -1,0 +1,141 @@
+"""torchrun / DistributedDataParallel helpers, and the sampler every training run uses.
+
+``torchrun --nproc_per_node N run.py ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; we then use
+NCCL on CUDA and gloo on the CPU. Nothing here is home-made scale-out: DDP averages the
+gradients, we only shard the data and reduce the metrics.
+
+:class:`ShardedEpochSampler` defines each epoch's order ONCE, globally, from
+``(seed, epoch)``; rank ``r`` of ``W`` takes ``perm[r::W]``. With a per-rank batch of
+``B / W``, step ``s`` of all ranks together covers exactly ``perm[s*B:(s+1)*B]`` — the
+same images a single process with batch ``B`` sees at step ``s``. So a 2-process run
+matches a 1-process run with the same global batch, and a resume may use any number of
+ranks. ``set_start_step`` skips the batches an interrupted epoch already trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from bvvit.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(world, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sums(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Sum each value across ranks (float64, so counts stay exact)."""
+    if not info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def per_rank_batch(global_batch: int, info: DistInfo) -> int:
+    if global_batch % info.world_size:
+        raise ConfigError(f"--batch-size {global_batch} (the global batch) is not divisible by the "
+                          f"{info.world_size} processes; choose a multiple of {info.world_size}")
+    return global_batch // info.world_size
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    words = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, 0x5A4D]).generate_state(2)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class ShardedEpochSampler(Sampler[int]):
+    """Shuffled, rank-sharded indices; whole global batches only (drop_last)."""
+
+    def __init__(self, num_samples: int, global_batch: int, info: DistInfo, seed: int = 0):
+        self.num_samples = num_samples
+        self.global_batch = global_batch
+        self.info = info
+        self.seed = seed
+        self.epoch = 0
+        self.start_step = 0
+        self.local_batch = per_rank_batch(global_batch, info)
+        self.steps_per_epoch = num_samples // global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start_step = 0
+
+    def set_start_step(self, step: int) -> None:
+        """Skip the first ``step`` batches of the current epoch (mid-epoch resume)."""
+        self.start_step = step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.local_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.num_samples, generator=generator)
+        used = perm[: self.steps_per_epoch * self.global_batch]  # whole global batches
+        mine = used[self.info.rank :: self.info.world_size]
+        return iter(mine[self.start_step * self.local_batch :].tolist())
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation: rank r takes indices r, r+W, ... — every image exactly once, no padding."""
+
+    def __init__(self, num_samples: int, info: DistInfo):
+        self.indices = list(range(info.rank, num_samples, info.world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
+           "ShardedEpochSampler", "ShardSampler", "unwrap", "per_rank_batch"]
