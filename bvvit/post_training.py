@@ -11,7 +11,9 @@ bit depths and measure each against the float original.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from torch import nn
 from bvvit import __version__
 from bvvit.config import LayerOverride, QuantConfig
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
-from bvvit.errors import DataError
+from bvvit.errors import BVViTError, DataError
 from bvvit.evaluate.classification import evaluate_classifier, json_safe
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
@@ -32,7 +34,7 @@ from bvvit.io import atomic_write_json, atomic_write_text
 from bvvit.model_file import LoadedModel, load_model_file
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
-from bvvit.quant.storage import save_float_model, save_quantized_model
+from bvvit.quant.storage import load_quantized_model, save_float_model, save_quantized_model
 
 DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
@@ -110,28 +112,16 @@ def run(job: PTQJob) -> dict[str, Any]:
     variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
     print(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 
+    cache_key = _cache_base(job, source.describe(), calib_indices, len(val_set))
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
     for w_bits, a_bits in job.bit_pairs:
         for recipe in recipes:
             cfg = make_quant_config(recipe, w_bits, a_bits, calib_size=job.calib_size, seed=job.seed,
                                     overrides=list(job.overrides), **job.switches)
             name = cfg.name if recipe == job.recipe else f"{cfg.name}-{recipe}"
-            start = time.perf_counter()
-            qmodel, report = quantize_model(fp_model, cfg, calib_loader, device, job.progress)
-            for warning in report.warnings:
-                print(f"WARNING [{name}]: {warning}")
-            # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
-            file_info = save_quantized_model(out / "models" / f"vit_{name}.safetensors", qmodel, cfg,
-                                             loaded, report, float_dtype=job.float_dtype)
-            metrics, _ = evaluate_classifier(qmodel, val_loader, loaded.class_names,
-                                             reference_logits=fp_logits, device=device,
-                                             progress=job.progress)
-            variants.append(Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info))
-            print(f"{name}: top-1 {metrics['top1']:.2f}% (drop {metrics['top1_drop']:+.2f}), "
-                  f"agreement {metrics['agreement']:.2f}%, SQNR {metrics['sqnr_db']:.1f} dB, "
-                  f"file {file_info['size_bytes'] / 1024:.1f} KiB, calibration "
-                  f"{report.calibration_time_s:.1f}s ({time.perf_counter() - start:.1f}s total)",
-                  flush=True)
+            variant = _reuse_variant(out, name, cfg, cache_key) or _make_variant(
+                out, name, cfg, cache_key, fp_model, fp_logits, loaded, calib_loader, val_loader, job)
+            variants.append(variant)
 
     latency = _measure_latency(variants, loaded, job)
     summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
@@ -139,6 +129,67 @@ def run(job: PTQJob) -> dict[str, Any]:
     print(format_table(summary["rows"]))
     print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
     return summary
+
+
+def _make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, Any],
+                  fp_model: nn.Module, fp_logits: torch.Tensor, loaded: LoadedModel,
+                  calib_loader: Any, val_loader: Any, job: PTQJob) -> Variant:
+    start = time.perf_counter()
+    qmodel, report = quantize_model(fp_model, cfg, calib_loader, job.device, job.progress)
+    for warning in report.warnings:
+        print(f"WARNING [{name}]: {warning}")
+    # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
+    file_info = save_quantized_model(out / "models" / f"vit_{name}.safetensors", qmodel, cfg,
+                                     loaded, report, float_dtype=job.float_dtype)
+    metrics, _ = evaluate_classifier(qmodel, val_loader, loaded.class_names,
+                                     reference_logits=fp_logits, device=job.device,
+                                     progress=job.progress)
+    variant = Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info)
+    atomic_write_json(_result_path(out, name), json_safe({
+        "key": _variant_key(cache_key, cfg), "metrics": metrics, "report": variant.report,
+        "file": file_info}))
+    print(f"{name}: top-1 {metrics['top1']:.2f}% (drop {metrics['top1_drop']:+.2f}), "
+          f"agreement {metrics['agreement']:.2f}%, SQNR {metrics['sqnr_db']:.1f} dB, "
+          f"file {file_info['size_bytes'] / 1024:.1f} KiB, calibration "
+          f"{report.calibration_time_s:.1f}s ({time.perf_counter() - start:.1f}s total)", flush=True)
+    return variant
+
+
+def _result_path(out: Path, name: str) -> Path:
+    return out / "models" / f"vit_{name}.result.json"
+
+
+def _cache_base(job: PTQJob, data_desc: str, calib_indices: list[int], num_eval: int) -> dict[str, Any]:
+    """What a finished variant's result depends on besides its QuantConfig."""
+    digest = hashlib.sha256(Path(job.model_path).read_bytes()).hexdigest()
+    return {"model_sha256": digest, "data": data_desc, "calib_indices_sha256": hashlib.sha256(
+        json.dumps(calib_indices).encode()).hexdigest(), "num_eval": num_eval,
+        "float_dtype": job.float_dtype, "bvvit_version": __version__}
+
+
+def _variant_key(base: dict[str, Any], cfg: QuantConfig) -> str:
+    text = json.dumps({**base, "quant_config": cfg.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _reuse_variant(out: Path, name: str, cfg: QuantConfig, base: dict[str, Any]) -> Optional[Variant]:
+    """A variant finished by an earlier (maybe interrupted) run with the same checkpoint,
+    data and config: reload its packed file and stored results instead of recomputing."""
+    result_path = _result_path(out, name)
+    model_path = out / "models" / f"vit_{name}.safetensors"
+    if not result_path.is_file() or not model_path.is_file():
+        return None
+    try:
+        stored = json.loads(result_path.read_text())
+        if stored.get("key") != _variant_key(base, cfg) or \
+                stored["file"]["size_bytes"] != model_path.stat().st_size:
+            return None
+        qmodel, _ = load_quantized_model(model_path)
+    except (OSError, ValueError, KeyError, BVViTError):
+        return None  # unreadable leftovers are recomputed
+    print(f"{name}: reusing {model_path.name} and its results from an earlier run "
+          f"(same checkpoint, data and config)")
+    return Variant(name, qmodel, cfg, stored["metrics"], stored["report"], stored["file"])
 
 
 def _measure_latency(variants: list[Variant], loaded: LoadedModel, job: PTQJob) -> dict[str, dict[int, Any]]:

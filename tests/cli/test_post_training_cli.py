@@ -89,3 +89,18 @@ def test_error_training_checkpoint_of_other_kind(tmp_path):
     path = tmp_path / "plain.pth"
     torch.save({"weight": torch.zeros(3)}, path)
     _one_line(_ptq(path), "not a BV-ViT model file")
+
+
+def test_rerun_reuses_finished_bit_depths(trained, tmp_path):
+    data, out = trained
+    args = ("--bits", "6", "--baseline", "none", "--output-dir", str(tmp_path))
+    first = _ptq(out / "vit_model.pth", *args)
+    assert first.returncode == 0, first.stderr
+    second = _ptq(out / "vit_model.pth", *args)
+    assert second.returncode == 0, second.stderr
+    assert "w6a6: reusing" in second.stdout
+    a = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert a[1]["name"] == "w6a6"
+    # a different config (another calibration size) is recomputed, not reused
+    third = _ptq(out / "vit_model.pth", *args, "--calib-size", "8")
+    assert third.returncode == 0 and "reusing" not in third.stdout
