@@ -9,6 +9,7 @@ numbers, strings, lists and dicts, never code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -40,6 +41,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:  # make the bytes durable before the rename
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise BVViTError(f"cannot write {path}: {exc.strerror or exc}; the previous version "
+                             "(if any) is intact — free disk space or choose another folder") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
