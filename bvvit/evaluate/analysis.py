@@ -20,6 +20,7 @@ weight statistics and per-tensor SQNR on ``max_batches`` evaluation batches (sec
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from bvvit.evaluate.classification import json_safe, sqnr_db
+from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
 from bvvit.model import Add, MatMul, Softmax
 from bvvit.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, act_quantizers
 
@@ -213,6 +215,9 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
     sample of up to ``sample_size`` values per tensor), then exact ``bins``-bin histograms
     over [min, max] and the fraction of values outside each variant's range.
 
+    A value is clipped when it lies more than half a step outside the grid (closer than
+    that, its error is ordinary rounding).
+
     Returns ``{"images", "bins", "groups": {key: label}, "tensors": [...]}``; tensors in
     execution order, each ``{"id", "layer", "kind", "group", "count", "min", "max", "mean",
     "std", "abs_max", "percentiles": {"99.9": ...}, "histogram": {"edges", "counts"},
@@ -245,7 +250,8 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         counts[tid] += torch.histc(flat.clamp(lo, hi), bins, lo, hi).double()
         for name in clipped[tid]:
             grid = ranges[name][tid]
-            clipped[tid][name] += int(((flat < grid["lo"]) | (flat > grid["hi"])).sum())
+            half = grid["step"] / 2  # within half a step of the ends is rounding, not clipping
+            clipped[tid][name] += int(((flat < grid["lo"] - half) | (flat > grid["hi"] + half)).sum())
 
     with _float_hooks(reference, second_pass):
         for batch in images:
@@ -325,7 +331,7 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
                 grid = grid_range(module.weight_qparams)
                 matrix = weight.reshape(weight.shape[0], -1)
-                ch_lo, ch_hi = _channel_range(module.weight_qparams, matrix.shape[0])
+                ch_lo, ch_hi = _saturation_limits(module.weight_qparams, matrix.shape[0])
                 outside = ((matrix < ch_lo) | (matrix > ch_hi)).sum()
                 entry["quant"][name] = {**grid, "sqnr_db": sqnr_db(weight, module.weight.detach().cpu()),
                                         "clipped_fraction": float(outside) / flat.numel()}
@@ -333,16 +339,18 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
     return json_safe({"bins": bins, "layers": out})
 
 
-def _channel_range(qparams: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (output channel) clipping limits, shaped (rows, 1) or (rows, groups)."""
+def _saturation_limits(qparams: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (output channel) limits beyond which values clip (the grid ends plus half a
+    step, inside which the error is ordinary rounding), shaped (rows, 1)."""
     scale = qparams.scale.detach().float().cpu()
     zero_point = qparams.zero_point.detach().float().cpu()
-    lo, hi = (qparams.qmin - zero_point) * scale, (qparams.qmax - zero_point) * scale
+    lo = (qparams.qmin - zero_point - 0.5) * scale
+    hi = (qparams.qmax - zero_point + 0.5) * scale
     if lo.numel() == 1:
         return lo.reshape(1, 1), hi.reshape(1, 1)
     if lo.numel() == rows:
         return lo.reshape(rows, 1), hi.reshape(rows, 1)
-    # per-group: compare against the row's widest group (an upper bound on clipping)
+    # per-group: the row's widest group (so clipping is undercounted, never overcounted)
     return lo.reshape(rows, -1).amin(1, keepdim=True), hi.reshape(rows, -1).amax(1, keepdim=True)
 
 
@@ -436,12 +444,14 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
                  calib_loader: Optional[Iterable], eval_loader: Iterable,
                  reference_logits: Optional[torch.Tensor] = None,
                  make_config: Optional[Callable[[int, list], Any]] = None, *,
-                 max_batches: int = 4, sensitivity_bits: tuple[int, ...] = (4, 6),
+                 analysis_images: int = 256, max_batches: Optional[int] = None,
+                 sensitivity_bits: tuple[int, ...] = (4, 6),
                  sensitivity_images: int = 1000, progress: bool = False) -> dict[str, Any]:
     """The analysis behind the report, at ``level`` none | basic | full.
 
     ``qmodels``: ``{variant name: quantized model}`` as in summary.json. ``basic`` uses the
-    first ``max_batches`` batches of ``eval_loader``; ``full`` also runs
+    first batches of ``eval_loader`` holding ``analysis_images`` images (or exactly
+    ``max_batches`` batches when given); ``full`` also runs
     :func:`~bvvit.evaluate.sensitivity.sensitivity` (needs ``calib_loader`` and
     ``make_config(bits, overrides) -> QuantConfig``) on the first ``sensitivity_images``
     evaluation images.
@@ -451,10 +461,15 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
     """
     if level not in ANALYSIS_LEVELS:
         raise ValueError(f"analysis level must be one of {', '.join(ANALYSIS_LEVELS)}, got {level!r}")
-    result: dict[str, Any] = {"level": level, "timing_s": {},
-                              "settings": {"max_batches": max_batches}}
+    if level == "full" and (make_config is None or calib_loader is None):
+        raise ValueError("analysis 'full' needs make_config and calib_loader for sensitivity")
+    if max_batches is None:
+        batch_size = getattr(eval_loader, "batch_size", None) or 64
+        max_batches = max(1, math.ceil(analysis_images / batch_size))
+    result: dict[str, Any] = {"level": level, "timing_s": {}, "settings": {}}
     if level == "none":
         return result
+    result["settings"]["max_batches"] = max_batches
     timing = result["timing_s"]
     start = time.perf_counter()
     result["activations"] = activation_statistics(fp_model, qmodels, eval_loader, max_batches)
@@ -464,10 +479,6 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
     result["sqnr"] = per_layer_sqnr(fp_model, qmodels, eval_loader, max_batches)
     timing["sqnr"] = time.perf_counter() - start
     if level == "full":
-        from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
-
-        if make_config is None or calib_loader is None:
-            raise ValueError("analysis 'full' needs make_config and calib_loader for sensitivity")
         start = time.perf_counter()
         rows = sensitivity(fp_model, make_config, calib_loader, eval_loader, bits=sensitivity_bits,
                            reference_logits=reference_logits, max_images=sensitivity_images,
@@ -477,8 +488,8 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
                                  "cli": overrides_cli(suggested), "bits": list(sensitivity_bits),
                                  "images": rows[0]["images"] if rows else 0}
         timing["sensitivity"] = time.perf_counter() - start
-    result["settings"].update({"sensitivity_bits": list(sensitivity_bits),
-                               "sensitivity_images": sensitivity_images})
+        result["settings"].update({"sensitivity_bits": list(sensitivity_bits),
+                                   "sensitivity_images": sensitivity_images})
     return json_safe(result)
 
 

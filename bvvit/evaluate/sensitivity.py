@@ -33,8 +33,6 @@ from bvvit.quant.modules import OFF, QUANTIZE, ActQuantizer, QuantConv2d, QuantL
 from bvvit.quant.quantize import calibrate, convert
 
 TARGETS = ("weights", "activations")
-SENSITIVITY_COLUMNS = ["rank", "layer", "op", "target", "bits", "kl_div", "top1_drop", "top1",
-                       "agreement", "sqnr_db", "images"]
 
 
 class _Unit:
@@ -228,5 +226,4 @@ def overrides_cli(overrides: list[str]) -> str:
     return " ".join(f"--override {item}" for item in overrides)
 
 
-__all__ = ["sensitivity", "suggest_overrides", "overrides_cli", "layer_damage", "TARGETS",
-           "SENSITIVITY_COLUMNS"]
+__all__ = ["sensitivity", "suggest_overrides", "overrides_cli", "layer_damage", "TARGETS"]
