@@ -106,6 +106,7 @@ class TrainConfig:
     workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bf16 autocast (fp16 + GradScaler on GPUs without bf16)
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     resume: Optional[str] = None  # PATH or "auto"
     pretrained_path: Optional[str] = None
     progress: bool = True

@@ -55,6 +55,8 @@ def build_parser() -> OneLineParser:
     g.add_argument("--amp", action="store_true",
                    help="mixed precision: bfloat16 autocast (CPU with AVX512-BF16/AMX, recent GPUs), "
                         "else float16 with a gradient scaler")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (falls back to eager with a warning if it fails)")
     g = p.add_argument_group("run control")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' = OUTPUT/checkpoints/last.pth (or its backup)")
@@ -75,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad, seed=args.seed, workers=args.workers, device=args.device,
-        amp=args.amp, resume=args.resume, pretrained_path=args.pretrained_path,
+        amp=args.amp, compile=args.compile, resume=args.resume, pretrained_path=args.pretrained_path,
         progress=not args.no_progress, tensorboard=args.tensorboard,
         train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment)
     source = resolve_data(cfg.data_path)

@@ -94,7 +94,8 @@ def build_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.A
         (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    fused = next(model.parameters()).is_cuda  # the fused kernel pays off on GPUs
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
@@ -195,9 +196,11 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
         _say(info, f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done{where}")
 
     train_model: nn.Module = model
+    if cfg.compile:
+        train_model = _try_compile(model, model_cfg, device)
     if info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     class_names = list(source.class_names)
     data_info = {"data_path": cfg.data_path, "kind": source.kind, "root": str(source.root)}
@@ -285,6 +288,22 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     _say(info, f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
          f"model written to {model_path}")
     return TrainResult(out, model_path, history, best_acc, total)
+
+
+def _try_compile(model: nn.Module, model_cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """torch.compile, checked on one small forward/backward; eager with a warning if it fails
+    (no C++ compiler, unsupported platform, ...)."""
+    try:
+        compiled = torch.compile(model)
+        probe = torch.zeros(2, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size, device=device)
+        compiled(probe).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        print(f"warning: --compile failed ({first}); training without torch.compile", flush=True)
+        model.zero_grad(set_to_none=True)
+        return model
 
 
 class TrainingInterrupted(Exception):
