@@ -27,13 +27,17 @@ from bvvit import __version__
 from bvvit.config import LayerOverride, QuantConfig
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
 from bvvit.errors import BVViTError, DataError
+from bvvit.evaluate.analysis import run_analysis
 from bvvit.evaluate.classification import evaluate_classifier, json_safe
+from bvvit.evaluate.sensitivity import sensitivity
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
 from bvvit.io import atomic_write_json, atomic_write_text
 from bvvit.model_file import LoadedModel, load_model_file
 from bvvit.quant.quantize import quantize_model
+from bvvit.quant.mixed_precision import allocate_bits, damage_table
 from bvvit.quant.recipes import make_quant_config
+from bvvit.report import write_report
 from bvvit.quant.storage import load_quantized_model, save_float_model, save_quantized_model
 
 DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
@@ -61,6 +65,10 @@ class PTQJob:
     overrides: list[LayerOverride] = field(default_factory=list)
     switches: dict[str, bool] = field(default_factory=dict)
     float_dtype: str = "fp32"  # dtype of the float parts inside packed files
+    analysis: str = "basic"  # none | basic | full (adds per-layer sensitivity)
+    avg_bits: Optional[float] = None  # mixed precision budget: mean weight bits
+    max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
+    mp_candidates: tuple[int, ...] = (4, 6, 8)
 
 
 @dataclass
@@ -123,12 +131,62 @@ def run(job: PTQJob) -> dict[str, Any]:
                 out, name, cfg, cache_key, fp_model, fp_logits, loaded, calib_loader, val_loader, job)
             variants.append(variant)
 
+    def make_config(bits: int, overrides: list) -> QuantConfig:
+        return make_quant_config(job.recipe, bits, bits, calib_size=job.calib_size, seed=job.seed,
+                                 overrides=list(overrides), **job.switches)
+
+    mixed = None
+    if job.avg_bits is not None or job.max_weight_bytes is not None:
+        mixed, variant = _mixed_precision(job, make_config, fp_model, fp_logits, loaded, calib_loader,
+                                          val_loader, out, cache_key)
+        variants.append(variant)
+
     latency = _measure_latency(variants, loaded, job)
     summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
+    if mixed is not None:
+        summary["mixed_precision"] = json_safe(mixed)
     write_summary(out, summary)
     print(format_table(summary["rows"]))
     print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
+    if job.analysis != "none":
+        start = time.perf_counter()
+        qmodels = {v.name: v.model for v in variants if v.config is not None}
+        analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, val_loader, fp_logits,
+                                make_config, progress=job.progress)
+        report_path = write_report(out, summary, analysis)
+        print(f"analysis '{job.analysis}' took {time.perf_counter() - start:.1f}s; "
+              f"report: {report_path}")
+        suggested = (analysis.get("sensitivity") or {}).get("cli")
+        if suggested:
+            print(f"most sensitive layers; to keep them at 8 bits add: {suggested}")
     return summary
+
+
+def _mixed_precision(job: PTQJob, make_config: Any, fp_model: nn.Module, fp_logits: torch.Tensor,
+                     loaded: LoadedModel, calib_loader: Any, val_loader: Any, out: Path,
+                     cache_key: dict[str, Any]) -> tuple[dict[str, Any], Variant]:
+    """Per-layer widths from sensitivity under the budget, then that model as a variant."""
+    start = time.perf_counter()
+    candidates = tuple(sorted(set(job.mp_candidates)))
+    rows = sensitivity(fp_model, make_config, calib_loader, val_loader, bits=candidates[:-1],
+                       reference_logits=fp_logits, progress=job.progress)
+    params = {name: module.weight.numel() for name, module in fp_model.named_modules()
+              if isinstance(module, (nn.Linear, nn.Conv2d))}
+    allocation = allocate_bits(damage_table(rows), params, list(candidates), job.avg_bits,
+                               job.max_weight_bytes)
+    base = allocation.base_bits
+    overrides = list(job.overrides) + [LayerOverride.parse(o) for o in allocation.overrides()]
+    cfg = make_quant_config(job.recipe, base, base, calib_size=job.calib_size, seed=job.seed,
+                            overrides=overrides, **job.switches)
+    budget = f"avg{job.avg_bits:g}" if job.avg_bits is not None else f"{job.max_weight_bytes}B"
+    name = f"mixed-{budget}"
+    variant = _reuse_variant(out, name, cfg, cache_key) or _make_variant(
+        out, name, cfg, cache_key, fp_model, fp_logits, loaded, calib_loader, val_loader, job)
+    info = {**allocation.to_dict(), "candidates": list(candidates), "variant": name,
+            "search_time_s": time.perf_counter() - start}
+    print(f"{name}: mean weight width {allocation.avg_bits:.2f} bits; layers above {base} bits: "
+          f"{', '.join(allocation.overrides()) or 'none'}")
+    return info, variant
 
 
 def _make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, Any],

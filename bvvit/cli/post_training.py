@@ -57,6 +57,18 @@ def build_parser() -> OneLineParser:
                         "'head=float' (repeatable)")
     p.add_argument("--float-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="dtype of the float parts (norms, biases, embeddings) in packed files")
+    p.add_argument("--analysis", choices=["none", "basic", "full"], default="basic",
+                   help="basic (default): accuracy, size, time, per-class, confusion, histograms, "
+                        "per-layer SQNR and report.html; full: also per-layer sensitivity; none: "
+                        "summary files only")
+    g = p.add_argument_group("mixed precision")
+    g.add_argument("--avg-bits", type=float, default=None,
+                   help="also build a mixed-precision model whose weights average this many bits, "
+                        "per-layer widths chosen from measured sensitivity")
+    g.add_argument("--max-weight-bytes", type=positive_int, default=None,
+                   help="... or whose packed weights fit in this many bytes")
+    g.add_argument("--mp-candidates", type=bits_value, nargs="+", default=[4, 6, 8],
+                   help="widths the mixed-precision search may give a layer (default 4 6 8)")
     g = p.add_argument_group("what gets quantized")
     g.add_argument("--no-linear", action="store_true", help="keep qkv/proj/fc1/fc2 float")
     g.add_argument("--no-attention-matmul", action="store_true", help="keep q, k, v float")
@@ -98,7 +110,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  progress=not args.no_progress, eval_subset=args.eval_subset,
                  latency_runs=args.latency_runs,
                  overrides=[LayerOverride.parse(text) for text in args.override],
-                 switches=switches, float_dtype=args.float_dtype)
+                 switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
+                 avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
+                 mp_candidates=tuple(args.mp_candidates))
+    if args.avg_bits is not None and args.max_weight_bytes is not None:
+        raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
+    if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= 16:
+        raise ConfigError(f"--avg-bits {args.avg_bits} must lie between the smallest candidate "
+                          f"width ({min(args.mp_candidates)}) and 16")
     run(job)
     return 0
 
