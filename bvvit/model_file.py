@@ -90,10 +90,65 @@ def model_from_payload(payload: dict[str, Any], source: str) -> LoadedModel:
                        dict(payload.get("metrics", {})))
 
 
-def load_model_file(path: str | os.PathLike) -> LoadedModel:
-    """Load ``vit_model.pth`` (or a training checkpoint ``last.pth``/``best.pth``)."""
+def load_model_file(path: str | os.PathLike, num_heads: Optional[int] = None) -> LoadedModel:
+    """Load ``vit_model.pth`` (or a training checkpoint ``last.pth``/``best.pth``), or a bare
+    timm/DeiT ViT state dict (its config is inferred from the tensor shapes; the head count
+    is not in the shapes: ``num_heads`` or the timm convention of 64 dimensions per head)."""
     payload = load_torch_file(path, what="model file")
+    if "format_version" not in payload and _looks_like_timm_vit(state_dict_of(payload)):
+        return model_from_timm_state_dict(state_dict_of(payload), str(path), num_heads)
     return model_from_payload(payload, str(path))
+
+
+def _looks_like_timm_vit(state: dict[str, Any]) -> bool:
+    return all(isinstance(state.get(k), torch.Tensor)
+               for k in ("cls_token", "pos_embed", "patch_embed.proj.weight"))
+
+
+# Preprocessing timm uses for ViT/DeiT on ImageNet.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def infer_timm_config(state: dict[str, torch.Tensor], num_heads: Optional[int] = None) -> ModelConfig:
+    """A ModelConfig matching a timm VisionTransformer state dict (class-token ViT/DeiT)."""
+    proj = state["patch_embed.proj.weight"]  # (D, C, P, P)
+    embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    tokens = state["pos_embed"].shape[1] - 1
+    grid = int(round(tokens ** 0.5))
+    if grid * grid != tokens:
+        raise CheckpointError(f"pos_embed has {tokens} patch positions (not a square grid); only "
+                              "class-token ViTs without register/distillation tokens are supported")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    head = state.get("head.weight")
+    if head is None:
+        raise CheckpointError("the state dict has no classifier head (head.weight)")
+    heads = num_heads or max(1, embed_dim // 64)
+    return ModelConfig(img_size=grid * patch, patch_size=patch, in_chans=in_chans,
+                       num_classes=head.shape[0], embed_dim=embed_dim, depth=depth, num_heads=heads,
+                       mlp_ratio=hidden / embed_dim, qkv_bias="blocks.0.attn.qkv.bias" in state)
+
+
+def model_from_timm_state_dict(state: dict[str, torch.Tensor], source: str,
+                               num_heads: Optional[int] = None) -> LoadedModel:
+    try:
+        config = infer_timm_config(state, num_heads)
+    except (KeyError, ValueError, IndexError, BVViTError) as exc:
+        raise CheckpointError(f"{source}: cannot infer a ViT config from the state dict ({exc})") from None
+    model = VisionTransformer(config)
+    try:
+        load_pretrained(model, state, strict_head=True)
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0].strip("'\"")
+        raise CheckpointError(f"{source}: not a timm ViT/DeiT state dict ({first[:200]})") from None
+    model.eval()
+    rgb = config.in_chans == 3
+    pre = Preprocessing(mean=IMAGENET_MEAN if rgb else (0.5,), std=IMAGENET_STD if rgb else (0.5,),
+                        img_size=config.img_size, in_chans=config.in_chans,
+                        interpolation="bicubic" if rgb else "bilinear",
+                        crop_pct=0.875 if config.img_size > 64 else 1.0)
+    # Class names are unknown: post_training takes them from the data folder.
+    return LoadedModel(model, config, [], pre, {"kind": "timm-state-dict"}, {})
 
 
 def state_dict_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:

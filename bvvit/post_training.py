@@ -66,6 +66,7 @@ class PTQJob:
     switches: dict[str, bool] = field(default_factory=dict)
     float_dtype: str = "fp32"  # dtype of the float parts inside packed files
     analysis: str = "basic"  # none | basic | full (adds per-layer sensitivity)
+    num_heads: Optional[int] = None  # for bare timm state dicts (not in the tensor shapes)
     avg_bits: Optional[float] = None  # mixed precision budget: mean weight bits
     max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
     mp_candidates: tuple[int, ...] = (4, 6, 8)
@@ -94,9 +95,22 @@ def _short(names: list[str]) -> str:
 def run(job: PTQJob) -> dict[str, Any]:
     out = Path(job.output_dir)
     device = torch.device(job.device)
-    loaded = load_model_file(job.model_path)
-    data_path = job.data_path or loaded.data.get("data_path") or "fashion-mnist"
-    source = resolve_data(data_path)
+    loaded = load_model_file(job.model_path, num_heads=job.num_heads)
+    if loaded.data.get("kind") == "timm-state-dict":
+        if not job.data_path:
+            raise DataError(f"{job.model_path} is a bare timm state dict: pass --data-path (an "
+                            "ImageNet-style folder whose class folders match its head)")
+        source = resolve_data(job.data_path)
+        if source.num_classes != loaded.config.num_classes:
+            raise DataError(f"{source.describe()} has {source.num_classes} classes but the head of "
+                            f"{job.model_path} has {loaded.config.num_classes}")
+        loaded.class_names = list(source.class_names)
+        print(f"timm state dict: inferred ViT depth {loaded.config.depth}, dim "
+              f"{loaded.config.embed_dim}, {loaded.config.num_heads} heads, patch "
+              f"{loaded.config.patch_size}, {loaded.config.img_size}px; ImageNet normalisation")
+    else:
+        data_path = job.data_path or loaded.data.get("data_path") or "fashion-mnist"
+        source = resolve_data(data_path)
     _check_classes(loaded, list(source.class_names), source.describe(), job.model_path)
     if source.in_chans != loaded.config.in_chans:
         raise DataError(f"{source.describe()} has {source.in_chans}-channel images but the model "

@@ -55,6 +55,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS|float",
                    help="per-layer exception by module name pattern, e.g. 'blocks.0.*=8' or "
                         "'head=float' (repeatable)")
+    p.add_argument("--num-heads", type=positive_int, default=None,
+                   help="attention heads of a bare timm/DeiT state dict (default: embed_dim / 64, "
+                        "timm's convention); BV-ViT model files carry their own")
     p.add_argument("--float-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="dtype of the float parts (norms, biases, embeddings) in packed files")
     p.add_argument("--analysis", choices=["none", "basic", "full"], default="basic",
@@ -112,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  overrides=[LayerOverride.parse(text) for text in args.override],
                  switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
-                 mp_candidates=tuple(args.mp_candidates))
+                 mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
     if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= 16:

@@ -104,3 +104,22 @@ def test_rerun_reuses_finished_bit_depths(trained, tmp_path):
     # a different config (another calibration size) is recomputed, not reused
     third = _ptq(out / "vit_model.pth", *args, "--calib-size", "8")
     assert third.returncode == 0 and "reusing" not in third.stdout
+
+
+def test_timm_state_dict_on_imagenet_style_folder(tmp_path):
+    """A user's own timm/DeiT checkpoint and ImageNet-style data (RGB, ImageNet normalisation)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, in_chans=3, num_classes=3, embed_dim=64, depth=2, num_heads=1)
+    path = tmp_path / "deit_tiny_random.pth"
+    torch.save(reference.state_dict(), path)
+    data = make_image_folder(tmp_path / "imagenet", size=40, mode="RGB", per_class=6)
+    result = _ptq(path, "--data-path", str(data), "--bits", "8", "--baseline", "none",
+                  "--output-dir", str(tmp_path / "q"), "--calib-size", "8", "--analysis", "none")
+    assert result.returncode == 0, result.stderr
+    assert "1 heads" in result.stdout and "ImageNet normalisation" in result.stdout
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["class_names"] == ["ant", "bee", "cat"]
+    assert summary["model_config"]["img_size"] == 32
+    _one_line(_ptq(path, "--bits", "8"), "--data-path")
