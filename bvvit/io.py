@@ -25,6 +25,10 @@ import torch
 from bvvit.errors import BVViTError, CheckpointError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.
@@ -40,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:  # make the bytes durable before the rename
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artefacts are ordinary files
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

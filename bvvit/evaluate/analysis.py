@@ -10,7 +10,10 @@ kind, e.g. ``blocks.0.attn.qkv:linear_input``, ``blocks.0.attn.matmul_qk:q``,
 ``blocks.0.attn.softmax:softmax``, ``blocks.0.residual2:residual``, ``patch_embed.proj:image``.
 The float tensors come from a copy of the FP model on its explicit attention path, hooked
 at the same places where :func:`bvvit.quant.quantize.convert` puts quantizers, so every
-tensor (the residual stream too) is seen even when a variant leaves it float.
+tensor (the residual stream too) is seen even when a variant leaves it float. A variant
+whose LayerNorms were reparameterized (``reparam_layernorm``, exact in float) is compared
+with its "float twin": the FP model with the same change folded in (:func:`float_twin`),
+so its qkv/fc1/head inputs are compared in the coordinates its quantizers work in.
 
 Levels (``--analysis``): ``none`` runs nothing; ``basic`` (default) adds activation and
 weight statistics and per-tensor SQNR on ``max_batches`` evaluation batches (seconds);
@@ -20,6 +23,7 @@ weight statistics and per-tensor SQNR on ``max_batches`` evaluation batches (sec
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +36,9 @@ from torch import nn
 from bvvit.evaluate.classification import json_safe, sqnr_db
 from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
 from bvvit.model import Add, MatMul, Softmax
+from bvvit.quant.log2 import LogQParams
 from bvvit.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, act_quantizers
+from bvvit.quant.reparam import fold_channel_affine, norm_linear_pairs
 
 ANALYSIS_LEVELS = ("none", "basic", "full")
 DEFAULT_BINS = 120
@@ -79,6 +85,59 @@ def float_reference(fp_model: nn.Module) -> nn.Module:
     return reference
 
 
+def float_twin(fp_model: nn.Module, qmodel: nn.Module, reference: Optional[nn.Module] = None
+               ) -> tuple[nn.Module, set[str]]:
+    """The float model a variant's tensors are compared with, and the Linear layers whose
+    inputs differ from the plain FP model's.
+
+    ``reference`` (:func:`float_reference`) when ``qmodel`` carries no LayerNorm
+    reparameterization; otherwise a copy with the same per-channel change ``y = r y' + d``
+    folded in (r and d recovered from the two LayerNorms' affines), which equals the FP
+    model in float and matches the variant's quantizer inputs.
+    """
+    reference = reference if reference is not None else float_reference(fp_model)
+    if not hasattr(reference, "blocks"):
+        return reference, set()
+    changed: list[tuple[str, str]] = []
+    for norm_name, linear_name in norm_linear_pairs(reference):
+        fp_norm, q_norm = reference.get_submodule(norm_name), _get(qmodel, norm_name)
+        if not isinstance(q_norm, nn.LayerNorm) or q_norm.weight is None:
+            continue
+        if not (torch.equal(fp_norm.weight, q_norm.weight.to(fp_norm.weight.device)) and
+                torch.equal(fp_norm.bias, q_norm.bias.to(fp_norm.bias.device))):
+            changed.append((norm_name, linear_name))
+    if not changed:
+        return reference, set()
+    twin = copy.deepcopy(reference)
+    with torch.no_grad():
+        for norm_name, linear_name in changed:
+            norm, q_norm = twin.get_submodule(norm_name), qmodel.get_submodule(norm_name)
+            gamma = q_norm.weight.detach().to(norm.weight)
+            r = torch.where(gamma != 0, norm.weight / gamma, torch.ones_like(gamma))
+            d = norm.bias - r * q_norm.bias.detach().to(norm.bias)
+            fold_channel_affine(norm, twin.get_submodule(linear_name), r, d)
+    return twin, {linear for _, linear in changed}
+
+
+def _twins(fp_model: nn.Module, variants: Mapping[str, nn.Module], reference: nn.Module
+           ) -> dict[str, tuple[nn.Module, set[str]]]:
+    """:func:`float_twin` of every variant; variants with the same LayerNorms share one."""
+    out: dict[str, tuple[nn.Module, set[str]]] = {}
+    seen: dict[str, tuple[nn.Module, set[str]]] = {}
+    for name, model in variants.items():
+        digest = hashlib.sha1()
+        for norm_name, _ in norm_linear_pairs(reference) if hasattr(reference, "blocks") else []:
+            norm = _get(model, norm_name)
+            if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+                digest.update(norm.weight.detach().cpu().numpy().tobytes())
+                digest.update(norm.bias.detach().cpu().numpy().tobytes())
+        key = digest.hexdigest()
+        if key not in seen:
+            seen[key] = float_twin(fp_model, model, reference)
+        out[name] = seen[key]
+    return out
+
+
 def _tap_points(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[int], str]]:
     """(module name, module, input index or None for the output, kind): where
     :func:`~bvvit.quant.quantize.convert` places quantizers, on the float model."""
@@ -100,9 +159,13 @@ def _tap_points(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[int
 
 
 @contextmanager
-def _float_hooks(model: nn.Module, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def _float_hooks(model: nn.Module, record: Callable[[str, torch.Tensor], None],
+                 layers: Optional[set[str]] = None) -> Iterator[None]:
+    """Call ``record(tensor id, tensor)`` at every tap point (of ``layers`` only, if given)."""
     handles = []
     for name, module, index, kind in _tap_points(model):
+        if layers is not None and name not in layers:
+            continue
         tensor_id = f"{name}:{kind}"
         if index is None:
             handles.append(module.register_forward_hook(
@@ -166,17 +229,34 @@ def grid_range(qparams: Any) -> dict[str, Any]:
     Per-channel/group qparams give the union of the ranges (``lo``, ``hi``) and the median
     channel's range (``lo_median``, ``hi_median``); ``step`` is the median scale.
     """
+    if isinstance(qparams, LogQParams):
+        return _log_grid(qparams)
     scale = qparams.scale.detach().float().cpu().reshape(-1)
     zero_point = qparams.zero_point.detach().float().cpu().reshape(-1).expand_as(scale)
     lo = (qparams.qmin - zero_point) * scale
     hi = (qparams.qmax - zero_point) * scale
-    out = {"bits": int(qparams.bits), "symmetric": bool(qparams.symmetric),
+    step = float(scale.median())
+    out = {"bits": int(qparams.bits), "symmetric": bool(qparams.symmetric), "method": "uniform",
            "granularity": "tensor" if scale.numel() == 1 else "channel",
-           "lo": float(lo.min()), "hi": float(hi.max()), "step": float(scale.median()),
-           "lo_median": float(lo.median()), "hi_median": float(hi.median())}
+           "lo": float(lo.min()), "hi": float(hi.max()), "step": step,
+           "lo_median": float(lo.median()), "hi_median": float(hi.median()),
+           # beyond these a value saturates (within half a step of the ends it only rounds)
+           "saturate_lo": float(lo.min()) - step / 2, "saturate_hi": float(hi.max()) + step / 2}
     if scale.numel() == 1 and qparams.bits <= 5:  # few enough levels to draw each one
         levels = torch.arange(qparams.qmin, qparams.qmax + 1, dtype=torch.float32)
         out["levels"] = ((levels - zero_point[0]) * scale[0]).tolist()
+    return out
+
+
+def _log_grid(qparams: LogQParams) -> dict[str, Any]:
+    """Levels ``scale * 2^(-c/k)`` and zero (see :mod:`bvvit.quant.log2`)."""
+    scale, k = float(qparams.scale), qparams.steps_per_octave
+    levels = [0.0] + [scale * 2.0 ** (-c / k) for c in range(qparams.zero_code - 1, -1, -1)]
+    out = {"bits": int(qparams.bits), "symmetric": False, "method": f"log2 (k={k})", "granularity": "tensor",
+           "lo": 0.0, "hi": scale, "step": scale - levels[-2], "lo_median": 0.0, "hi_median": scale,
+           "saturate_lo": 0.0, "saturate_hi": scale * 2.0 ** (0.5 / k)}
+    if qparams.bits <= 5:
+        out["levels"] = levels
     return out
 
 
@@ -194,9 +274,10 @@ class _Running:
 
     def update(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float().cpu()
+        wide = flat.double()
         self.count += flat.numel()
-        self.total += float(flat.double().sum())
-        self.total_sq += float((flat.double() ** 2).sum())
+        self.total += float(wide.sum())
+        self.total_sq += float((wide * wide).sum())
         self.min, self.max = min(self.min, float(flat.min())), max(self.max, float(flat.max()))
         if flat.numel() > self.sample_per_batch:
             flat = flat[torch.randint(flat.numel(), (self.sample_per_batch,), generator=self.generator)]
@@ -216,7 +297,9 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
     over [min, max] and the fraction of values outside each variant's range.
 
     A value is clipped when it lies more than half a step outside the grid (closer than
-    that, its error is ordinary rounding).
+    that, its error is ordinary rounding). For a reparameterized variant the qkv/fc1/head
+    inputs are counted on its float twin's tensor (the one its quantizer sees) and marked
+    ``"reparameterized": true``: its range is not in the histogram's coordinates.
 
     Returns ``{"images", "bins", "groups": {key: label}, "tensors": [...]}``; tensors in
     execution order, each ``{"id", "layer", "kind", "group", "count", "min", "max", "mean",
@@ -240,6 +323,7 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
 
     ranges = {name: {tid: grid_range(q.qparams) for tid, q in quantizer_ids(model) if q.qparams is not None}
               for name, model in variants.items()}
+    twins = _twins(fp_model, variants, reference)
     edges = {tid: _edges(r.min, r.max, bins) for tid, r in running.items()}
     counts = {tid: torch.zeros(bins, dtype=torch.float64) for tid in running}
     clipped = {tid: {name: 0 for name in variants if tid in ranges[name]} for tid in running}
@@ -249,13 +333,24 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         lo, hi = edges[tid][0], edges[tid][-1]
         counts[tid] += torch.histc(flat.clamp(lo, hi), bins, lo, hi).double()
         for name in clipped[tid]:
-            grid = ranges[name][tid]
-            half = grid["step"] / 2  # within half a step of the ends is rounding, not clipping
-            clipped[tid][name] += int(((flat < grid["lo"] - half) | (flat > grid["hi"] + half)).sum())
+            if _layer_of(tid) not in twins[name][1]:
+                clipped[tid][name] += _count_clipped(flat, ranges[name][tid])
+
+    def twin_pass(names: list[str]) -> Callable[[str, torch.Tensor], None]:
+        def count(tid: str, x: torch.Tensor) -> None:
+            flat = x.detach().reshape(-1).float().cpu()
+            for name in names:
+                if tid in clipped and name in clipped[tid]:
+                    clipped[tid][name] += _count_clipped(flat, ranges[name][tid])
+        return count
 
     with _float_hooks(reference, second_pass):
         for batch in images:
             reference(batch.to(device))
+    for twin, layers, names in _distinct_twins(twins):
+        with _float_hooks(twin, twin_pass(names), layers):
+            for batch in images:
+                twin(batch.to(device))
 
     tensors = []
     for tid, r in running.items():  # insertion order = execution order
@@ -270,9 +365,30 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
                  "quant": {}}
         for name, n_clipped in clipped[tid].items():
             entry["quant"][name] = {**ranges[name][tid], "clipped_fraction": n_clipped / r.count}
+            if _layer_of(tid) in twins[name][1]:
+                entry["quant"][name]["reparameterized"] = True
         tensors.append(entry)
     return json_safe({"images": sum(int(b.shape[0]) for b in images), "bins": bins,
                       "sample_size": sample_size, "groups": GROUPS, "tensors": tensors})
+
+
+def _layer_of(tensor_id: str) -> str:
+    return tensor_id.rpartition(":")[0]
+
+
+def _distinct_twins(twins: dict[str, tuple[nn.Module, set[str]]]
+                    ) -> list[tuple[nn.Module, set[str], list[str]]]:
+    """(twin, its reparameterized layers, the variants sharing it) for twins that differ
+    from the plain reference."""
+    groups: dict[int, tuple[nn.Module, set[str], list[str]]] = {}
+    for name, (twin, layers) in twins.items():
+        if layers:
+            groups.setdefault(id(twin), (twin, layers, []))[2].append(name)
+    return list(groups.values())
+
+
+def _count_clipped(flat: torch.Tensor, grid: dict[str, Any]) -> int:
+    return int(((flat < grid["saturate_lo"]) | (flat > grid["saturate_hi"])).sum())
 
 
 def _edges(lo: float, hi: float, bins: int) -> list[float]:
@@ -310,12 +426,17 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
                       layers: Optional[list[str]] = None, bins: int = DEFAULT_BINS) -> dict[str, Any]:
     """Histograms of selected float weights with each variant's grid and weight SQNR.
 
+    SQNR and clipping are against each variant's float twin (:func:`float_twin`); a
+    reparameterized layer is marked ``"reparameterized": true`` (its grid is not in the
+    histogram's coordinates).
+
     Returns ``{"bins", "layers": [{"layer", "shape", "min", "max", "std", "histogram",
     "quant": {variant: {"bits", "lo", "hi", "lo_median", "hi_median", "step",
-    "granularity", "levels"?, "sqnr_db", "clipped_fraction"}}}]}``.
+    "granularity", "levels"?, "sqnr_db", "clipped_fraction", "reparameterized"?}}}]}``.
     """
     variants = _as_dict(qmodels)
     layers = default_weight_layers(fp_model) if layers is None else layers
+    twins = _twins(fp_model, variants, float_reference(fp_model))
     out = []
     for layer in layers:
         weight = fp_model.get_submodule(layer).weight.detach().float().cpu()
@@ -329,12 +450,16 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
         for name, model in variants.items():
             module = _get(model, layer)
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
+                twin, reparameterized = twins[name]
+                float_weight = twin.get_submodule(layer).weight.detach().float().cpu()
                 grid = grid_range(module.weight_qparams)
-                matrix = weight.reshape(weight.shape[0], -1)
+                matrix = float_weight.reshape(float_weight.shape[0], -1)
                 ch_lo, ch_hi = _saturation_limits(module.weight_qparams, matrix.shape[0])
                 outside = ((matrix < ch_lo) | (matrix > ch_hi)).sum()
-                entry["quant"][name] = {**grid, "sqnr_db": sqnr_db(weight, module.weight.detach().cpu()),
+                entry["quant"][name] = {**grid, "sqnr_db": sqnr_db(float_weight, module.weight.detach().cpu()),
                                         "clipped_fraction": float(outside) / flat.numel()}
+                if layer in reparameterized:
+                    entry["quant"][name]["reparameterized"] = True
         out.append(entry)
     return json_safe({"bins": bins, "layers": out})
 
@@ -370,7 +495,8 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
 
     For each variant, the tensor at each quantizer's OUTPUT (so it carries the error
     accumulated upstream, as the variant really runs) is compared with the float model's
-    tensor at that place, summed over the first ``max_batches`` batches:
+    tensor at that place (its float twin's, :func:`float_twin`, for reparameterized
+    variants), summed over the first ``max_batches`` batches:
     ``10 log10(sum ref^2 / sum (ref - q)^2)``. Weight SQNR of every weight layer is added.
 
     Returns ``{"images", "variants": [names], "tensors": [{"id", "layer", "kind", "group"}]
@@ -379,6 +505,7 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
     """
     variants = _as_dict(qmodels)
     reference = float_reference(fp_model)
+    twins = _twins(fp_model, variants, reference)
     device = _device(reference)
     images = take_batches(loader, max_batches)
     order: list[str] = []
@@ -387,24 +514,35 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
     for batch in images:
         batch = batch.to(device)
         float_tensors: dict[str, torch.Tensor] = {}
+        twin_tensors: dict[int, dict[str, torch.Tensor]] = {}
 
-        def keep(tid: str, x: torch.Tensor) -> None:
-            float_tensors.setdefault(tid, x.detach())
+        def keep(tid: str, x: torch.Tensor, store: dict[str, torch.Tensor] = float_tensors) -> None:
+            store.setdefault(tid, x.detach())
 
         with _float_hooks(reference, keep):
             reference(batch)
+        for twin, layers, _ in _distinct_twins(twins):
+            store = twin_tensors.setdefault(id(twin), {})
+            with _float_hooks(twin, lambda tid, x, store=store: keep(tid, x, store), layers):
+                twin(batch)
         for tid in float_tensors:
             if tid not in order:
                 order.append(tid)
         for name, model in variants.items():
-            def compare(tid: str, out: torch.Tensor, name: str = name) -> None:
-                ref = float_tensors.get(tid)
+            twin, layers = twins[name]
+
+            def compare(tid: str, out: torch.Tensor, name: str = name, layers: set[str] = layers,
+                        twin: nn.Module = twin) -> None:
+                if _layer_of(tid) in layers:
+                    ref = twin_tensors[id(twin)].get(tid)
+                else:
+                    ref = float_tensors.get(tid)
                 if ref is None or ref.shape != out.shape:
                     return
                 ref64 = ref.double()
                 acc = sums[name].setdefault(tid, [0.0, 0.0])
                 acc[0] += float((ref64 ** 2).sum())
-                acc[1] += float(((ref64 - out.detach().double()) ** 2).sum())
+                acc[1] += float(((ref64 - out.detach().to(ref.device).double()) ** 2).sum())
 
             with _quantizer_hooks(model, compare):
                 model(batch.to(_device(model)))
@@ -417,7 +555,7 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
         for layer in weight_layers:
             module = _get(model, layer)
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
-                row.append(sqnr_db(fp_model.get_submodule(layer).weight.detach().cpu(),
+                row.append(sqnr_db(twins[name][0].get_submodule(layer).weight.detach().cpu(),
                                    module.weight.detach().cpu()))
             else:
                 row.append(None)

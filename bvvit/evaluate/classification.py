@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bvvit.metrics import kl_divergence, sqnr_db
+
 ModelOrFn = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -179,30 +181,6 @@ def evaluate_classifier(
     metrics = classification_metrics(logits, labels, class_names=class_names,
                                      reference_logits=reference_logits)
     return metrics, logits
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2).
-
-    ``inf`` when the tensors are identical; computed in float64.
-    """
-    reference = torch.as_tensor(reference).double()
-    noise_power = float(((reference - torch.as_tensor(test).double()) ** 2).sum())
-    signal_power = float((reference ** 2).sum())
-    if noise_power == 0.0:
-        return math.inf
-    if signal_power == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal_power / noise_power)
-
-
-def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(softmax(reference) || softmax(test)), in nats."""
-    reference_log_probs = F.log_softmax(torch.as_tensor(reference_logits).double(), dim=-1)
-    test_log_probs = F.log_softmax(torch.as_tensor(test_logits).double(), dim=-1)
-    per_row = (reference_log_probs.exp() * (reference_log_probs - test_log_probs)).sum(dim=-1)
-    # KL >= 0; clamp the last-bit rounding of nearly identical rows.
-    return max(0.0, float(per_row.mean()))
 
 
 def accuracy_noise_floor(num_images: int) -> float:

@@ -4,8 +4,9 @@ everything else float, and measure how far the output moves from FP32.
 How it stays fast (a 6-deep, 192-wide ViT: ~70 units x 2 bit depths on 1000 images in
 about two minutes on one CPU core):
 
-- Calibrate once per bit depth, for all layers together: the model is converted with the
-  full config, its weights are set back to float and every quantizer observes the float
+- Calibrate once per bit depth, for all layers together: the model is prepared with the
+  full config (LayerNorm reparameterization and GPTQ codes included, as quantize_model
+  does), its weights are set back to float and every quantizer observes the float
   model's own tensors. Each quantizer's range is therefore exactly what calibrating that
   layer alone (everything else float) would give.
 - Then every quantizer is switched off and every weight is float (= the FP32 model on the
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from bvvit.evaluate.classification import json_safe, kl_divergence, sqnr_db
 from bvvit.quant.modules import OFF, QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
-from bvvit.quant.quantize import calibrate, convert
+from bvvit.quant.quantize import calibrate, prepare
 
 TARGETS = ("weights", "activations")
 
@@ -168,9 +169,9 @@ def sensitivity(fp_model: nn.Module, make_config: Callable[[int, list], Any], ca
     rows: list[dict[str, Any]] = []
     for b in bits:
         cfg = make_config(int(b), [])
-        qmodel, _ = convert(fp_model, cfg)  # a copy on the explicit attention path
+        work, qmodel, _, _ = prepare(fp_model, cfg, calib_loader, device)
         qmodel.to(device).eval()
-        units = _units(qmodel, fp_model)
+        units = _units(qmodel, work)
         for u in units.values():  # calibrate on the float model's own tensors
             if u.module is not None:
                 u.set_weight(False)

@@ -1,33 +1,34 @@
 """ONNX export: the float ViT, our calibrated W8A8 model as a QDQ graph, and W4 weight-only.
 
-How the W8A8 graph is made (the approach that measured best, see docs/BENCHMARKS.md):
+How the W8A8 graph is made (the approach that measured best; ``benchmarks/ptq_speed.py``):
 
 1. an *export twin* of the quantized model is built in PyTorch: every calibrated
    :class:`ActQuantizer` becomes ``torch.fake_quantize_per_tensor_affine`` with OUR frozen
-   scale / zero point, every :class:`QuantLinear` a ``x @ W^T`` whose (in, out) weight goes
-   through ``torch.fake_quantize_per_channel_affine`` with OUR per-output-channel scales
-   (axis 1 in the (in, out) layout ONNX MatMul expects), and the patch embedding's
-   kernel = stride convolution a matmul over flattened patches (so ONNX Runtime can run it
-   on integer kernels too; a QDQ Conv without a quantized output stays float);
-2. the TorchScript exporter (``dynamo=False``: it handles the fake-quant ops, exports in
-   0.2 s instead of 4 s, and its float graph ran as fast in ONNX Runtime as the dynamo
-   exporter's) turns each fake-quant into a ``QuantizeLinear -> DequantizeLinear`` pair;
-3. a graph pass folds every ``QuantizeLinear`` of a constant weight into an int8
-   initializer holding our integer codes, so the file stores 8-bit weights.
+   scale / zero point, every :class:`QuantLinear` ``x @ W^T + b`` whose (in, out) weight
+   goes through ``torch.fake_quantize_per_channel_affine`` with OUR per-output-channel
+   scales (axis 1: ONNX MatMul's weight is torch's transposed), and the patch embedding's
+   kernel = stride convolution a matmul over flattened patches (ONNX Runtime has no
+   integer fusion for a QDQ Conv whose output is float; as a matmul it runs on integers);
+2. the TorchScript exporter (``dynamo=False``: the dynamo exporter fails on the fake-quant
+   ops; for the float model both gave equally fast graphs and TorchScript exports in 0.2 s
+   instead of 4 s) writes each fake-quant as a ``QuantizeLinear -> DequantizeLinear`` pair;
+3. :func:`fold_constant_quantize` turns each weight's ``QuantizeLinear`` into an int8
+   initializer holding our integer codes: the file stores 8-bit weights.
 
-ONNX Runtime then fuses ``DequantizeLinear -> MatMul`` into ``MatMulIntegerToFloat`` /
-``QLinearMatMul`` (uint8 activations x int8 weights: its fast U8S8 kernels on AVX512-VNNI);
-LayerNorm, GELU, softmax and the residual adds stay float. Only 8-bit, per-tensor, uniform
-activations and 8-bit per-tensor/per-channel weights map to integer kernels; anything else
-raises :class:`ConfigError` naming the layers.
+ONNX Runtime (optimization level >= EXTENDED) fuses ``DequantizeLinear -> MatMul`` into
+``MatMulIntegerToFloat`` / ``QLinearMatMul``: uint8 activations x int8 weights, its fast
+U8S8 kernels (AVX512-VNNI). LayerNorm, GELU, softmax and the residual adds stay float.
+Only 8-bit per-tensor uniform activations and 8-bit per-tensor / per-channel weights map to
+integer kernels; anything else raises :class:`ConfigError` naming the layers.
 
-W4 weight-only: every 4-bit (or narrower) Linear becomes ONNX Runtime's ``MatMulNBits``
-built from OUR codes and scales (stored code = code + 8, the op's default zero point);
-activations stay float.
+W4 weight-only: every <= 4-bit Linear becomes ONNX Runtime's ``MatMulNBits`` built from
+OUR codes and scales (stored code = code + 8, the op's default zero point); activations
+stay float.
 
 Every file carries ``metadata_props``: ``bvvit.format``, ``bvvit.variant``, ``mean``,
-``std``, ``img_size``, ``in_chans``, ``preprocessing`` and ``class_names`` (JSON), and the
-input is the NORMALISED image ``(B, C, H, W)``: ``(pixel / 255 - mean) / std``.
+``std``, ``img_size``, ``in_chans``, ``preprocessing`` and ``class_names`` (JSON values),
+and its input ``image`` is the NORMALISED image ``(B, C, H, W)``:
+``(pixel / 255 - mean) / std``; its output ``logits`` is ``(B, num_classes)``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ import copy
 import json
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -47,7 +49,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from bvvit.config import Preprocessing
-from bvvit.errors import CheckpointError, ConfigError
+from bvvit.errors import ConfigError
 from bvvit.io import atomic_path
 from bvvit.model import PatchEmbed, VisionTransformer
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
@@ -200,18 +202,18 @@ def _no_padding(padding: Any) -> bool:
 
 # ------------------------------------------------------------------------ export
 
-def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
+def _torch_export(model: nn.Module, opset: int) -> onnx.ModelProto:
+    """The TorchScript exporter's graph of ``model`` (dynamic batch axis)."""
+    c = model.config
+    example = torch.randn(2, c.in_chans, c.img_size, c.img_size)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation / tracer warnings
+        path = Path(folder) / "raw.onnx"
         torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
                           do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-
-
-def _example_input(model: VisionTransformer) -> Tensor:
-    c = model.config
-    return torch.randn(2, c.in_chans, c.img_size, c.img_size)
+        return onnx.load(str(path))
 
 
 def metadata_for(preprocessing: Preprocessing | Mapping[str, Any], class_names: Sequence[str],
@@ -235,34 +237,6 @@ def metadata_for(preprocessing: Preprocessing | Mapping[str, Any], class_names: 
     return meta
 
 
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """``metadata_props`` of an exported file, JSON values decoded (``mean``, ``std``,
-    ``class_names``, ``preprocessing``, ``img_size``...)."""
-    model = load_onnx(path, load_weights=False)
-    meta: dict[str, Any] = {}
-    for prop in model.metadata_props:
-        try:
-            meta[prop.key] = json.loads(prop.value)
-        except ValueError:
-            meta[prop.key] = prop.value
-    return meta
-
-
-def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file; a missing, empty or corrupt file raises CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"ONNX file {path} does not exist; export it first")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"ONNX file {path} is empty (0 bytes); it was not written completely")
-    try:
-        return onnx.load(str(path), load_external_data=load_weights)
-    except Exception as exc:  # protobuf raises its own DecodeError; onnx wraps others
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"ONNX file {path} is not a readable ONNX model ({first[:160]}); "
-                              "it may be truncated or corrupt") from None
-
-
 def _save(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> None:
     del model.metadata_props[:]
     for key, value in metadata.items():
@@ -281,9 +255,7 @@ def export_float_onnx(model: VisionTransformer, path: str | os.PathLike,
     path = Path(path)
     float_model = copy.deepcopy(model).float().eval().cpu()
     float_model.set_fused_attn(False)
-    with atomic_path(path) as raw:
-        _torch_export(float_model, _example_input(float_model), raw, opset)
-        onnx_model = onnx.load(str(raw))
+    onnx_model = _torch_export(float_model, opset)
     _save(onnx_model, path, metadata_for(preprocessing, class_names, "fp32"))
     return path
 
@@ -300,9 +272,7 @@ def export_qdq_onnx(qmodel: VisionTransformer, path: str | os.PathLike,
     """
     path = Path(path)
     twin = export_twin(qmodel)
-    with atomic_path(path) as raw:
-        _torch_export(twin, _example_input(qmodel), raw, opset)
-        onnx_model = onnx.load(str(raw))
+    onnx_model = _torch_export(twin, opset)
     folded = fold_constant_quantize(onnx_model)
     extra = {"weights_folded": str(folded)}
     if quant_config is not None:
@@ -364,7 +334,7 @@ def fold_constant_quantize(model: onnx.ModelProto) -> int:
 
 # ------------------------------------------------------------------------ W4 weight-only
 
-W4_BLOCK_SIZES = (128, 64, 32, 16)  # MatMulNBits block sizes: powers of two >= 16
+W4_BLOCK_SIZES = (128, 64, 32, 16)  # per-channel scales: the largest that divides K
 
 
 class _DequantLinear(nn.Module):
@@ -384,9 +354,9 @@ def _nbits_block(qmodule: QuantLinear) -> int:
     qp, in_features = qmodule.weight_qparams, qmodule.in_features
     if isinstance(qp.granularity, PerGroup):
         size = qp.granularity.group_size
-        if size not in W4_BLOCK_SIZES and not (size >= 16 and size & (size - 1) == 0):
-            raise ConfigError(f"group size {size} cannot be a MatMulNBits block (needs a power "
-                              "of two >= 16)")
+        if size < 16 or size & (size - 1):
+            raise ConfigError(f"group size {size} cannot be a MatMulNBits block (ONNX Runtime "
+                              "needs a power of two >= 16); use group:16/32/64/128 or channel")
         return size
     return next((b for b in W4_BLOCK_SIZES if in_features % b == 0), 16)
 
@@ -442,9 +412,7 @@ def export_w4_weight_only_onnx(qmodel_w4: VisionTransformer, path: str | os.Path
             _set_child(twin, name, _DequantLinear(module))
         elif isinstance(module, ActQuantizer):
             _set_child(twin, name, nn.Identity())  # weight-only: float activations
-    with atomic_path(path) as raw:
-        _torch_export(twin, _example_input(qmodel_w4), raw, opset)
-        onnx_model = onnx.load(str(raw))
+    onnx_model = _torch_export(twin, opset)
     replaced = _replace_matmuls_with_nbits(onnx_model, layers, accuracy_level)
     if replaced != len(layers):
         raise RuntimeError(f"found {replaced} of {len(layers)} quantized Linear weights in the graph")
@@ -499,5 +467,4 @@ def _replace_matmuls_with_nbits(model: onnx.ModelProto, layers: Mapping[str, Qua
 
 __all__ = ["export_float_onnx", "export_qdq_onnx", "export_w4_weight_only_onnx", "export_twin",
            "unsupported_for_int8", "fold_constant_quantize", "matmul_nbits_tensors",
-           "metadata_for", "read_onnx_metadata", "load_onnx", "DEFAULT_OPSET", "INPUT_NAME",
-           "OUTPUT_NAME"]
+           "metadata_for", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ONNX_FORMAT"]

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from bvvit.quant.hooks import run_with_hooks
 from bvvit.quant.primitives import PerGroup, QParams
 
 
@@ -23,20 +24,13 @@ def input_hessians(model: nn.Module, loader: Iterable, names: list[str],
     """``2 X^T X / n`` of each named Linear's input rows over ``loader`` (float64)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, name=name):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (rows, in)
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        model.eval()
-        for images, _ in loader:
-            model(images.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (rows, in)
+        sums[name] = sums.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    run_with_hooks(model, loader, names, record, device)
     return {name: 2.0 * sums[name] / counts[name] for name in sums}
 
 

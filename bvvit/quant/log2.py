@@ -6,10 +6,12 @@ spends its levels on magnitudes instead (PTQ4ViT / RepQ-ViT use base 2 and base 
 
     r    = x / scale                               (scale = calibrated maximum, ~1)
     code = clamp(round(-k * log2(r)), 0, L - 1)    L = 2^bits - 1 non-zero levels
-    x'   = scale * 2^(-code / k)                   k = 1 (log2) or 2 (log sqrt2)
+    x'   = scale * 2^(-code / k)                   k = 1 (log2), 2 (log sqrt2), 4, 8, 16
     x'   = 0 where r < (smallest level) / 2        the last code (2^bits - 1) means 0
 
-``k`` is chosen per tensor by calibration MSE. Codes fit ``bits`` bits exactly.
+``k`` is chosen per tensor by calibration MSE (more bits favour finer grids). Codes fit
+``bits`` bits exactly. At 8 bits and above a uniform grid has the lower error on softmax
+outputs, so the ``vit`` recipe uses the log grid only up to 6 bits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from bvvit.quant.observers import MSEObserver
 from bvvit.quant.primitives import PerTensor, QParams
 
-STEPS_PER_OCTAVE = (1, 2)  # log2, log sqrt2
+STEPS_PER_OCTAVE = (1, 2, 4, 8, 16)  # log2, log sqrt2, ...: finer grids for more bits
 
 
 @dataclass(eq=False)

@@ -9,6 +9,7 @@ least EXTENDED). ``integer_op_report`` reads the graph ORT actually runs (saved 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections import Counter
@@ -22,12 +23,12 @@ import torch
 
 from bvvit.config import Preprocessing
 from bvvit.errors import BVViTError, CheckpointError
-from bvvit.evaluate.classification import classification_metrics, collect_logits, sqnr_db
+from bvvit.evaluate.classification import collect_logits, sqnr_db
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
 from bvvit.io import atomic_path
-from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_w4_weight_only_onnx,
-                                load_onnx)
+from bvvit.quant.export import (DEFAULT_OPSET, export_float_onnx, export_qdq_onnx,
+                                export_w4_weight_only_onnx)
 
 # Ops that compute on integers (ONNX standard and com.microsoft contrib ops).
 INTEGER_OPS = frozenset({
@@ -42,6 +43,35 @@ FLOAT_MATMUL_OPS = frozenset({
     "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "NhwcFusedConv",
     "ConvTranspose", "Attention", "MultiHeadAttention",
 })
+
+
+# ------------------------------------------------------------------------ files
+
+def load_onnx(path: str | os.PathLike, load_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file; a missing, empty or corrupt file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX file {path} does not exist; export it first")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"ONNX file {path} is empty (0 bytes); it was not written completely")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # protobuf raises its own DecodeError; onnx wraps others
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"ONNX file {path} is not a readable ONNX model ({first[:160]}); "
+                              "it may be truncated or corrupt") from None
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """``metadata_props`` of an exported file, JSON values decoded (``mean``, ``std``,
+    ``img_size``, ``class_names``, ``preprocessing``, ``bvvit.variant``...)."""
+    meta: dict[str, Any] = {}
+    for prop in load_onnx(path, load_weights=False).metadata_props:
+        try:
+            meta[prop.key] = json.loads(prop.value)
+        except ValueError:
+            meta[prop.key] = prop.value
+    return meta
 
 
 # ------------------------------------------------------------------------ sessions
@@ -140,6 +170,31 @@ def integer_op_report(optimized_model_path: str | os.PathLike) -> dict[str, Any]
     }
 
 
+def matmul_nbits_error() -> Optional[str]:
+    """None when ONNX Runtime's MatMulNBits (4-bit weight-only) runs on this machine, else
+    a one-line reason (checked on a 16x16 product)."""
+    from onnx import TensorProto, helper, numpy_helper
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft",
+                            K=16, N=16, bits=4, block_size=16)
+    graph = helper.make_graph(
+        [node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        initializer=[numpy_helper.from_array(np.full((16, 1, 8), 0x99, np.uint8), "B"),
+                     numpy_helper.from_array(np.ones(16, np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = session.run(None, {"x": np.ones((1, 16), np.float32)})[0]
+    except Exception as exc:  # an old onnxruntime without the op, or no kernel for this CPU
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"ONNX Runtime {ort.__version__} cannot run MatMulNBits (4-bit weight-only) "
+                f"here: {first[:200]}")
+    if not np.allclose(y, 16.0):  # every stored code 9 = +1 after the default zero point 8
+        return f"ONNX Runtime {ort.__version__} MatMulNBits gave wrong results on this CPU"
+    return None
+
+
 def optimized_op_report(path: str | os.PathLike, threads: Optional[int] = None) -> dict[str, Any]:
     """:func:`integer_op_report` of ``path`` after ORT's optimizations (via a temp file)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -151,11 +206,11 @@ def optimized_op_report(path: str | os.PathLike, threads: Optional[int] = None) 
 # ------------------------------------------------------------------------ the pipeline call
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+    return 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean())
+    return 100.0 * int((a.argmax(1) == b.argmax(1)).sum()) / a.shape[0]
 
 
 def _batch_of(loader: Iterable, size: int) -> torch.Tensor:
@@ -213,6 +268,8 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     export_qdq_onnx(qmodel_w8a8, files["w8a8"], preprocessing, class_names)
     w4: dict[str, Any] = {"exported": False, "error": None}
     if qmodel_w4 is not None:
+        w4["error"] = matmul_nbits_error()
+    if qmodel_w4 is not None and w4["error"] is None:
         try:
             files["w4"] = export_w4_weight_only_onnx(qmodel_w4, onnx_dir / "vit_w4_weight_only.onnx",
                                                      preprocessing, class_names)
@@ -220,7 +277,9 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
         except BVViTError as exc:
             w4["error"] = str(exc)
 
-    sessions = {name: make_session(path, threads=threads) for name, path in files.items()}
+    # No spinning: a pool spinning after its run steals the cores from the next variant.
+    sessions = {name: make_session(path, threads=threads, allow_spinning=False)
+                for name, path in files.items()}
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "w8a8_optimized.onnx"
         make_session(files["w8a8"], threads=threads, optimized_model_path=optimized)
@@ -300,6 +359,6 @@ def _finite(value: float) -> float | str:
     return value if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-__all__ = ["make_session", "run_session", "session_fn", "numpy_fn", "evaluate_onnx",
+__all__ = ["load_onnx", "read_onnx_metadata", "matmul_nbits_error", "make_session", "run_session", "session_fn", "numpy_fn", "evaluate_onnx",
            "integer_op_report", "optimized_op_report", "export_and_measure", "INTEGER_OPS",
            "FLOAT_MATMUL_OPS"]

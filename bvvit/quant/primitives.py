@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bvvit.metrics import kl_divergence, sqnr_db
+
 __all__ = [
     "PerTensor",
     "PerChannel",
@@ -423,25 +425,6 @@ class QParams:
 # --------------------------------------------------------------------------- metrics
 
 
-def sqnr(reference: Tensor, test: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref-test)^2))``.
-
-    ``inf`` when the tensors are equal.
-    """
-    ref = reference.detach().to(torch.float64)
-    noise = float(((ref - test.detach().to(torch.float64)) ** 2).sum())
-    signal = float((ref**2).sum())
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def kl_divergence_logits(ref_logits: Tensor, test_logits: Tensor) -> float:
-    """Mean over rows of ``KL(softmax(ref) || softmax(test))`` (nats); classes on the last dim."""
-    log_p = F.log_softmax(ref_logits.detach().to(torch.float64), dim=-1)
-    log_q = F.log_softmax(test_logits.detach().to(torch.float64), dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    return float(terms.sum(dim=-1).mean())
+# One implementation for the whole package (see bvvit/metrics.py).
+sqnr = sqnr_db
+kl_divergence_logits = kl_divergence

@@ -183,18 +183,18 @@ def _missing(cfg: QuantConfig, float_model: nn.Module, qmodel: nn.Module) -> lis
     return warnings
 
 
-def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
-                   device: torch.device | str = "cpu", progress: bool = False
-                   ) -> tuple[VisionTransformer, QuantReport]:
-    """Quantize a copy of ``model`` per ``cfg`` and calibrate it on ``calibration_loader``.
+def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
+            device: torch.device | str = "cpu"
+            ) -> tuple[VisionTransformer, VisionTransformer, list[str], dict[str, Any]]:
+    """Everything before calibration: (float model as the quantized one sees it, uncalibrated
+    quantized model, warnings, technique statistics).
 
-    Static activation quantization needs calibration data: ``calibration_loader=None``
-    with any activation quantizer enabled raises :class:`ConfigError`.
+    The float model is ``model`` itself, or a reparameterized copy (LayerNorm folding is
+    exact in float, so it computes the same function); GPTQ codes replace rounding when
+    the config asks. ``model`` is never modified.
     """
-    needs_data = cfg.reparam_layernorm or cfg.gptq
-    if needs_data and calibration_loader is None:
+    if (cfg.reparam_layernorm or cfg.gptq) and calibration_loader is None:
         raise ConfigError("LayerNorm reparameterization and GPTQ need calibration data")
-    start = time.perf_counter()
     work = model
     extras: dict[str, Any] = {}
     if cfg.reparam_layernorm:
@@ -203,6 +203,19 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
     qmodel, warnings = convert(work, cfg)
     if cfg.gptq:
         extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg, device)
+    return work, qmodel, warnings, extras
+
+
+def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
+                   device: torch.device | str = "cpu", progress: bool = False
+                   ) -> tuple[VisionTransformer, QuantReport]:
+    """Quantize a copy of ``model`` per ``cfg`` and calibrate it on ``calibration_loader``.
+
+    Static activation quantization needs calibration data: ``calibration_loader=None``
+    with any activation quantizer enabled raises :class:`ConfigError`.
+    """
+    start = time.perf_counter()
+    work, qmodel, warnings, extras = prepare(model, cfg, calibration_loader, device)
     needs_calibration = bool(act_quantizers(qmodel))
     report = QuantReport(config=cfg.to_dict(), warnings=warnings, extras=extras)
     if needs_calibration:

@@ -8,6 +8,7 @@ percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization
                                                    + log2 quantizer for softmax outputs
+                                                   (at <= 6 bits)
 ==========  =====================================  ======================================
 
 ``minmax`` is the naive baseline users compare against; ``mse`` is the default.
@@ -46,10 +47,12 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
 
 
 def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
-    """ViT-aware: LayerNorm reparameterization, log2 softmax, GPTQ weights, MSE ranges."""
+    """ViT-aware: LayerNorm reparameterization, log2 softmax (up to 6 bits; uniform beats it
+    above), GPTQ weights, MSE ranges."""
     return {
         **_mse(w_bits, a_bits),
-        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="log2"),
+        "softmax": TensorQuantSpec(a_bits, symmetric=False, observer="mse",
+                                   method="log2" if a_bits <= 6 else "uniform"),
         "reparam_layernorm": True,
         "gptq": True,
     }

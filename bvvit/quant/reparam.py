@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bvvit.model import VisionTransformer
+from bvvit.quant.hooks import run_with_hooks
 
 
 def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
@@ -43,24 +44,17 @@ def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
     For the final ``norm`` only the class token is used (it is all the head sees).
     """
     ranges: dict[str, list[torch.Tensor]] = {}
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, name=name):
-            out = output[:, :1] if name == "norm" else output
-            flat = out.detach().float().reshape(-1, out.shape[-1])
-            lo, hi = flat.min(dim=0).values, flat.max(dim=0).values
-            if name in ranges:
-                ranges[name] = [torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)]
-            else:
-                ranges[name] = [lo, hi]
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        model.eval()
-        for images, _ in loader:
-            model(images.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
+        out = output[:, :1] if name == "norm" else output
+        flat = out.detach().float().reshape(-1, out.shape[-1])
+        lo, hi = flat.min(dim=0).values, flat.max(dim=0).values
+        if name in ranges:
+            ranges[name] = [torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)]
+        else:
+            ranges[name] = [lo, hi]
+
+    run_with_hooks(model, loader, names, record, device)
     return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
 
 

@@ -88,14 +88,16 @@ def test_calibration_is_deterministic(model, calib):
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_error_falls_as_bits_rise(model, calib, images, recipe):
+def test_error_falls_as_bits_rise(model, images, recipe):
+    # Calibrated on the images it is tested on, so that rounding, not clipping, is measured.
+    calib = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=4)
     with torch.no_grad():
         ref = model(images)
         errors = {bits: sqnr(ref, quantize_model(model, make_quant_config(recipe, bits, bits), calib)[0](images))
                   for bits in (4, 8, 16)}
     assert errors[4] < errors[8] < errors[16]
-    # Test images are not the calibration images: clipping bounds the 16-bit SQNR.
-    assert errors[8] > 20 and errors[16] > 45
+    # percentile clips the top 0.01% on purpose, which bounds its 16-bit SQNR
+    assert errors[8] > 25 and errors[16] > (35 if recipe == "percentile" else 60)
 
 
 def _loaded(model):

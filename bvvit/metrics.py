@@ -1,0 +1,38 @@
+"""Quality measures of a quantized tensor or model output against a float reference.
+
+Shared by the quantization tests/primitives and the evaluation stage (one implementation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2).
+
+    ``inf`` when the tensors are identical; computed in float64.
+    """
+    reference = torch.as_tensor(reference).double()
+    noise_power = float(((reference - torch.as_tensor(test).double()) ** 2).sum())
+    signal_power = float((reference ** 2).sum())
+    if noise_power == 0.0:
+        return math.inf
+    if signal_power == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(test)), in nats."""
+    reference_log_probs = F.log_softmax(torch.as_tensor(reference_logits).double(), dim=-1)
+    test_log_probs = F.log_softmax(torch.as_tensor(test_logits).double(), dim=-1)
+    probs = reference_log_probs.exp()
+    # classes with zero reference probability (logit -inf) contribute nothing
+    terms = torch.where(probs > 0, probs * (reference_log_probs - test_log_probs), torch.zeros_like(probs))
+    per_row = terms.sum(dim=-1)
+    # KL >= 0; clamp the last-bit rounding of nearly identical rows.
+    return max(0.0, float(per_row.mean()))

@@ -1,0 +1,23 @@
+"""Run a model over a loader while forward hooks record what named modules see."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, loader: Iterable, names: list[str],
+                   record: Callable[[str, tuple, Any], None], device: torch.device | str = "cpu") -> None:
+    """Call ``record(name, inputs, output)`` for every forward of each named module."""
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output, name=name: record(name, inputs, output)) for name in names]
+    try:
+        model.eval()
+        for images, _ in loader:
+            model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,201 @@
+"""ONNX export and ONNX Runtime: the float graph matches PyTorch, the W8A8 QDQ graph carries
+our integer codes and scales, runs on integer kernels and matches our fake-quant model,
+W4 weight-only uses MatMulNBits, and bad files fail with one line."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+from torch.utils.data import DataLoader, TensorDataset
+
+from bvvit.config import ModelConfig, Preprocessing, TensorQuantSpec
+from bvvit.errors import CheckpointError, ConfigError
+from bvvit.evaluate.classification import sqnr_db
+from bvvit.model import VisionTransformer
+from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
+                                export_w4_weight_only_onnx, matmul_nbits_tensors)
+from bvvit.quant.modules import OFF, ActQuantizer, QuantLinear, weight_modules
+from bvvit.quant.onnx_runtime import (INTEGER_OPS, evaluate_onnx, export_and_measure,
+                                      integer_op_report, load_onnx, make_session,
+                                      read_onnx_metadata, run_session)
+from bvvit.quant.quantize import quantize_model
+from bvvit.quant.recipes import make_quant_config
+
+CFG = ModelConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2,
+                  num_heads=2)
+PRE = Preprocessing(mean=(0.5,), std=(0.25,), img_size=16, in_chans=1)
+CLASSES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return VisionTransformer(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(64, 1, 16, 16), torch.zeros(64, dtype=torch.long)),
+                      batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(2)
+    return torch.randn(64, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def qmodel(model, calib):
+    return quantize_model(model, make_quant_config("mse", 8, 8), calib)[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model, qmodel):
+    folder = tmp_path_factory.mktemp("onnx")
+    return {"fp32": export_float_onnx(model, folder / "fp32.onnx", PRE, CLASSES),
+            "w8a8": export_qdq_onnx(qmodel, folder / "w8a8.onnx", PRE, CLASSES)}
+
+
+def test_float_onnx_matches_pytorch_at_any_batch(model, files, images):
+    session = make_session(files["fp32"], threads=1)
+    for batch in (images[:1], images[:7]):
+        with torch.no_grad():
+            expected = model(batch).numpy()
+        np.testing.assert_allclose(run_session(session, batch), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_metadata_carries_normalisation_and_classes(files):
+    for variant, path in files.items():
+        meta = read_onnx_metadata(path)
+        assert meta["mean"] == [0.5] and meta["std"] == [0.25] and meta["img_size"] == 16
+        assert meta["class_names"] == CLASSES and meta["bvvit.variant"] == variant
+        assert meta["preprocessing"]["in_chans"] == 1
+
+
+def test_qdq_file_holds_our_int8_codes(qmodel, files):
+    graph = load_onnx(files["w8a8"]).graph
+    int8 = [numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] >= 32
+                   for i in graph.initializer), "a float weight matrix was left in the file"
+    for name, layer in weight_modules(qmodel):
+        codes_t = layer.weight_codes.reshape(layer.weight_codes.shape[0], -1).t().numpy()  # (in, out)
+        assert any(c.shape == codes_t.shape and np.array_equal(c, codes_t) for c in int8), name
+    # per-output-channel DequantizeLinear on axis 1 of the (in, out) matmul weight
+    axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
+            if a.name == "axis"]
+    assert axes.count(1) == len(weight_modules(qmodel))
+
+
+def test_qdq_graph_runs_on_integer_kernels(files, tmp_path):
+    optimized = tmp_path / "optimized.onnx"
+    make_session(files["w8a8"], threads=1, optimized_model_path=optimized)
+    report = integer_op_report(optimized)
+    assert report["ok"] and report["has_integer_ops"]
+    assert report["float_matmuls"] == [] and report["unfused_qdq_matmuls"] == []
+    # 2 blocks x (qkv, proj, fc1, fc2, q@k, attn@v) + patch embedding + head
+    assert report["num_integer_ops"] == 2 * 6 + 2
+    assert set(report["integer_ops"]) <= INTEGER_OPS
+    assert "MatMul" not in report["op_counts"] and "Gemm" not in report["op_counts"]
+
+
+def test_int8_onnx_agrees_with_fake_quant(qmodel, files, images):
+    with torch.no_grad():
+        simulated = qmodel(images)
+        twin = export_twin(qmodel)(images)
+    torch.testing.assert_close(twin, simulated, atol=1e-5, rtol=1e-5)
+    logits = torch.from_numpy(run_session(make_session(files["w8a8"], threads=1), images))
+    assert sqnr_db(simulated, logits) > 20
+    assert (logits.argmax(1) == simulated.argmax(1)).float().mean() >= 0.9
+
+
+def test_evaluate_onnx_follows_the_loader(files, images, model):
+    loader = DataLoader(TensorDataset(images, torch.zeros(64, dtype=torch.long)), batch_size=24)
+    logits = evaluate_onnx(make_session(files["fp32"], threads=1), loader)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(images), atol=1e-4, rtol=1e-4)
+
+
+def test_other_widths_are_refused(model, calib, tmp_path):
+    w4a8, _ = quantize_model(model, make_quant_config("minmax", 4, 8), calib)
+    with pytest.raises(ConfigError, match="only 8-bit"):
+        export_qdq_onnx(w4a8, tmp_path / "w4a8.onnx", PRE, CLASSES)
+    assert not (tmp_path / "w4a8.onnx").exists()
+
+
+@pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("group:16", False)])
+def test_w4_weight_only_uses_matmul_nbits(model, calib, images, tmp_path, granularity, symmetric):
+    weight = TensorQuantSpec(4, symmetric=symmetric, granularity=granularity, observer="minmax")
+    qm, _ = quantize_model(model, make_quant_config("minmax", 4, 8, weight=weight,
+                                                    patch_embed=granularity == "channel"), calib)
+    path = export_w4_weight_only_onnx(qm, tmp_path / "w4.onnx", PRE, CLASSES, accuracy_level=0)
+    optimized = tmp_path / "w4_opt.onnx"
+    session = make_session(path, threads=1, optimized_model_path=optimized)
+    assert integer_op_report(optimized)["integer_ops"] == {"MatMulNBits": 2 * 4 + 1}
+    for _, quantizer in qm.named_modules():
+        if isinstance(quantizer, ActQuantizer):
+            quantizer.state = OFF  # weight-only reference
+    with torch.no_grad():
+        expected = qm(images)
+    assert sqnr_db(expected, torch.from_numpy(run_session(session, images))) > 60
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), k_blocks=st.integers(1, 3), bits=st.integers(2, 4),
+       symmetric=st.booleans(), seed=st.integers(0, 2**16))
+def test_matmul_nbits_packing_round_trips(n, k_blocks, bits, symmetric, seed):
+    """Unpacking the MatMulNBits tensors as ONNX Runtime does gives our weights back."""
+    torch.manual_seed(seed)
+    k = 16 * k_blocks
+    spec = TensorQuantSpec(bits, symmetric=symmetric, granularity="channel", observer="minmax")
+    layer = QuantLinear(torch.nn.Linear(k, n), spec, None)
+    packed, scales, zero_points = matmul_nbits_tensors(layer, 16)
+    stored = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, 16)
+    if zero_points is None:
+        zp = np.full((n, k_blocks, 1), 8)
+    else:
+        zp_pairs = zero_points.reshape(n, -1)
+        zp = np.stack([zp_pairs & 0x0F, zp_pairs >> 4], axis=-1).reshape(n, -1)[:, :k_blocks, None]
+    weight = (stored.astype(np.float32) - zp) * scales.reshape(n, k_blocks, 1)
+    np.testing.assert_allclose(weight.reshape(n, k), layer.weight.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all \x00\x01\x02", "truncated"])
+def test_bad_files_raise_checkpoint_error(files, tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    if content == "truncated":
+        content = files["w8a8"].read_bytes()[:1000]
+    path.write_bytes(content)
+    for load in (load_onnx, make_session):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        assert "\n" not in str(info.value) and "bad.onnx" in str(info.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        make_session(tmp_path / "missing.onnx")
+
+
+def test_export_and_measure_reports_everything(model, qmodel, images, tmp_path):
+    loader = DataLoader(TensorDataset(images[:16], torch.arange(16) % 5), batch_size=8)
+    with torch.no_grad():
+        fp_logits, sim_logits = model(images[:16]), qmodel(images[:16])
+    result = export_and_measure(model, qmodel, loader, tmp_path, PRE, CLASSES, fp_logits,
+                                sim_logits, latency_runs=10, batch_sizes=(1, 4), warmup=1,
+                                threads=1)
+    json.dumps(result, allow_nan=False)
+    assert (tmp_path / "onnx" / "vit_fp32.onnx").is_file()
+    assert (tmp_path / "onnx" / "vit_w8a8.onnx").is_file()
+    assert set(result) >= {"files", "size_bytes", "size_ratio_to_fp32", "accuracy", "checks",
+                           "integer_ops", "w4", "latency", "threads", "system", "num_images"}
+    assert result["size_ratio_to_fp32"]["w8a8"] < 0.75  # 0.27 at 6x192; graph overhead here
+    assert result["checks"]["w8a8_integer_ops"] and result["checks"]["fp32_within_0.01"]
+    assert result["accuracy"]["ort_fp32"]["agreement_with_fp32"] == 100.0
+    assert result["w4"] == {"exported": False, "error": None}
+    rows = {(r["name"], r["batch_size"]) for r in result["latency"]}
+    assert rows == {(n, b) for n in ("pytorch_fp32", "ort_fp32", "ort_w8a8") for b in (1, 4)}
+    assert all(r["runs"] >= 10 and r["p90_ms"] >= r["median_ms"] > 0 for r in result["latency"])
