@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Ablation of the ViT-aware PTQ techniques on a trained model (simulated accuracy).
+
+    python benchmarks/ptq_ablation.py --model-path output/demo/vit_model.pth
+
+For W4A4, W4A8, W6A6 and W8A8: naive minmax, the mse recipe, then mse plus each technique
+alone (log2 softmax, LayerNorm reparameterization, GPTQ) and all of them (the vit recipe).
+Prints top-1, drop vs FP32 and calibration time; --json writes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bvvit.config import TensorQuantSpec  # noqa: E402
+from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data  # noqa: E402
+from bvvit.evaluate.classification import evaluate_classifier  # noqa: E402
+from bvvit.model_file import load_model_file  # noqa: E402
+from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
+
+PAIRS = [(4, 4), (4, 8), (6, 6), (8, 8)]
+
+
+def variants(w: int, a: int):
+    mse = make_quant_config("mse", w, a)
+    log2 = TensorQuantSpec(a, symmetric=False, observer="mse", method="log2")
+    yield "minmax", make_quant_config("minmax", w, a)
+    yield "mse", mse
+    yield "mse+log2", dataclasses.replace(mse, softmax=log2)
+    yield "mse+reparam", dataclasses.replace(mse, reparam_layernorm=True)
+    yield "mse+gptq", dataclasses.replace(mse, gptq=True)
+    yield "vit (all)", make_quant_config("vit", w, a)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--eval-subset", type=int, default=None)
+    p.add_argument("--pairs", default=",".join(f"{w}/{a}" for w, a in PAIRS),
+                   help="W/A pairs, e.g. 4/4,4/8,6/6,8/8,3/3")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    loaded = load_model_file(args.model_path)
+    source = resolve_data(args.data_path or loaded.data.get("data_path") or "fashion-mnist")
+    pre = loaded.preprocessing
+    val = build_loader(build_dataset(source, "val", build_transform(pre, train=False),
+                                     subset=args.eval_subset), 256, shuffle=False)
+    calib, _ = calibration_loader(source, pre, args.calib_size, seed=0)
+    fp, fp_logits = evaluate_classifier(loaded.model, val)
+    print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} images; calibration {args.calib_size} "
+          f"training images; threads {torch.get_num_threads()}")
+    print(f"{'W/A':<6}{'variant':<14}{'top-1':>8}{'drop':>8}{'agree':>8}{'calib s':>9}")
+    rows = []
+    for pair in args.pairs.split(","):
+        w, a = (int(v) for v in pair.split("/"))
+        for name, cfg in variants(w, a):
+            start = time.perf_counter()
+            qmodel, report = quantize_model(loaded.model, cfg, calib)
+            metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
+            row = {"w_bits": w, "a_bits": a, "variant": name, "top1": metrics["top1"],
+                   "drop": metrics["top1_drop"], "agreement": metrics["agreement"],
+                   "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start}
+            rows.append(row)
+            print(f"W{w}A{a:<4}{name:<14}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
+                  f"{row['calibration_s']:>9.1f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"fp32_top1": fp["top1"], "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
