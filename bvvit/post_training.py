@@ -28,13 +28,14 @@ from bvvit.config import LayerOverride, QuantConfig
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
 from bvvit.errors import BVViTError, DataError
 from bvvit.evaluate.analysis import run_analysis
-from bvvit.evaluate.classification import evaluate_classifier, json_safe
+from bvvit.evaluate.classification import collect_logits, evaluate_classifier, json_safe
 from bvvit.evaluate.sensitivity import sensitivity
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
 from bvvit.io import atomic_write_json, atomic_write_text
 from bvvit.model_file import LoadedModel, load_model_file
 from bvvit.quant.quantize import quantize_model
+from bvvit.quant.onnx_runtime import export_and_measure
 from bvvit.quant.mixed_precision import allocate_bits, damage_table
 from bvvit.quant.recipes import make_quant_config
 from bvvit.report import write_report
@@ -70,6 +71,7 @@ class PTQJob:
     avg_bits: Optional[float] = None  # mixed precision budget: mean weight bits
     max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
     mp_candidates: tuple[int, ...] = (4, 6, 8)
+    onnx: bool = True  # export FP32/W8A8 ONNX and measure ONNX Runtime's integer kernels
 
 
 @dataclass
@@ -155,10 +157,15 @@ def run(job: PTQJob) -> dict[str, Any]:
                                           val_loader, out, cache_key)
         variants.append(variant)
 
+    onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job) if job.onnx else None
+
     latency = _measure_latency(variants, loaded, job)
     summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
     if mixed is not None:
         summary["mixed_precision"] = json_safe(mixed)
+    if onnx_result is not None:
+        summary["onnx"] = json_safe(onnx_result)
+        summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes)
     write_summary(out, summary)
     print(format_table(summary["rows"]))
     print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
@@ -174,6 +181,59 @@ def run(job: PTQJob) -> dict[str, Any]:
         if suggested:
             print(f"most sensitive layers; to keep them at 8 bits add: {suggested}")
     return summary
+
+
+def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any, loaded: LoadedModel,
+               out: Path, job: PTQJob) -> Optional[dict[str, Any]]:
+    """Real integer inference: ONNX FP32 and W8A8 (our scales as Q/DQ) in ONNX Runtime,
+    evaluated and timed beside PyTorch FP32; 4-bit weight-only when ORT can run it."""
+    by_name = {v.name: v for v in variants}
+    w8a8 = by_name.get("w8a8")
+    if w8a8 is None:
+        print("ONNX int8: skipped (no w8a8 variant in this run; add 8 to --bits)")
+        return None
+    start = time.perf_counter()
+    sim_logits, _ = collect_logits(w8a8.model, val_loader)
+    w4 = by_name.get("w4a4") or next((v for v in variants if v.config and v.config.w_bits == 4
+                                      and v.config.recipe == job.recipe), None)
+    try:
+        result = export_and_measure(variants[0].model, w8a8.model, val_loader, out,
+                                    loaded.preprocessing, loaded.class_names, fp_logits, sim_logits,
+                                    latency_runs=job.latency_runs,
+                                    batch_sizes=job.latency_batches,
+                                    qmodel_w4=w4.model if w4 else None)
+    except BVViTError as exc:
+        print(f"ONNX int8: skipped ({exc})")
+        return None
+    acc = result["accuracy"]
+    print(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
+          f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%), integer "
+          f"ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
+          f"({time.perf_counter() - start:.1f}s)")
+    return result
+
+
+def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
+    """summary.csv rows for the ONNX Runtime variants (real kernels)."""
+    names = {"fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "ort_fp32"),
+             "w8a8": ("onnx-w8a8", 8, 8, "onnxruntime-int8", "ort_w8a8"),
+             "w4": ("onnx-w4", 4, 32, "onnxruntime-int4-weight-only", "ort_w4")}
+    latency = {(r["name"], r["batch_size"]): r["median_ms"] for r in result.get("latency", [])}
+    rows = []
+    for key, (name, w_bits, a_bits, kernel, acc_key) in names.items():
+        if key not in result.get("files", {}) or acc_key not in result.get("accuracy", {}):
+            continue
+        acc = result["accuracy"][acc_key]
+        size = result["size_bytes"].get(key)
+        rows.append({"name": name, "w_bits": w_bits, "a_bits": a_bits, "recipe": "onnx",
+                     "top1": round(acc["top1"], 4), "top5": None,
+                     "top1_drop": round(fp_top1 - acc["top1"], 4),
+                     "agreement": round(acc.get("agreement_with_fp32", float("nan")), 4),
+                     "sqnr_db": acc.get("sqnr_db_vs_sim"), "kl_div": None, "size_bytes": size,
+                     "size_ratio": round(size / fp_bytes, 4) if size else None,
+                     "latency_ms_b1": latency.get((acc_key, 1)), "latency_ms_b64": latency.get((acc_key, 64)),
+                     "kernel": kernel, "calibration_time_s": 0.0})
+    return rows
 
 
 def _mixed_precision(job: PTQJob, make_config: Any, fp_model: nn.Module, fp_logits: torch.Tensor,
@@ -343,7 +403,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              f"{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
     lines = [header, "-" * len(header)]
     for r in rows:
-        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else f"{r['sqnr_db']:.1f}"
+        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else \
+            "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
                      f"{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
                      f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")

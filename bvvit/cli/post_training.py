@@ -60,6 +60,8 @@ def build_parser() -> OneLineParser:
                         "timm's convention); BV-ViT model files carry their own")
     p.add_argument("--float-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="dtype of the float parts (norms, biases, embeddings) in packed files")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="skip the ONNX export and ONNX Runtime int8 measurement")
     p.add_argument("--analysis", choices=["none", "basic", "full"], default="basic",
                    help="basic (default): accuracy, size, time, per-class, confusion, histograms, "
                         "per-layer SQNR and report.html; full: also per-layer sensitivity; none: "
@@ -115,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  overrides=[LayerOverride.parse(text) for text in args.override],
                  switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
-                 mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads)
+                 mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads,
+                 onnx=not args.no_onnx)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
     if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= 16:

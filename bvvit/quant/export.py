@@ -83,9 +83,9 @@ def _weight_fake_quant(codes: Tensor, module: nn.Module) -> tuple[Tensor, Tensor
     quantized weight whose codes are ``(out, fan_in)``."""
     qp = module.weight_qparams
     out_features = codes.shape[0]
-    scale = qp.scale.reshape(-1).float().expand(out_features).contiguous()
-    zero_point = qp.zero_point.reshape(-1).to(torch.int32).expand(out_features).contiguous()
-    weight = (codes.float() - zero_point[:, None].float()) * scale[:, None]  # (out, fan_in)
+    scale = qp.scale.detach().cpu().reshape(-1).float().expand(out_features).contiguous()
+    zero_point = qp.zero_point.cpu().reshape(-1).to(torch.int32).expand(out_features).contiguous()
+    weight = (codes.cpu().float() - zero_point[:, None].float()) * scale[:, None]  # (out, fan_in)
     return weight.t().contiguous(), scale, zero_point
 
 
@@ -173,7 +173,7 @@ def export_twin(qmodel: VisionTransformer) -> VisionTransformer:
         shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4 else "")
         raise ConfigError(f"only 8-bit models run on ONNX Runtime's integer kernels: {shown}; "
                           "export other widths with the packed .safetensors file instead")
-    twin = copy.deepcopy(qmodel).eval()
+    twin = copy.deepcopy(qmodel).eval().cpu()
     for name, module in list(twin.named_modules()):
         if isinstance(module, PatchEmbed) and isinstance(module.proj, QuantConv2d):
             conv = module.proj
@@ -365,20 +365,21 @@ def matmul_nbits_tensors(qmodule: QuantLinear, block_size: int) -> tuple[np.ndar
     """(packed B (N, k_blocks, block/2) uint8, scales (N * k_blocks,) float32, zero points
     or None) of MatMulNBits from OUR <= 4-bit codes; a per-channel scale is repeated per block."""
     qp = qmodule.weight_qparams
-    codes = qmodule.weight_codes.to(torch.int32).numpy()  # (N, K)
+    codes = qmodule.weight_codes.cpu().to(torch.int32).numpy()  # (N, K)
     n, k = codes.shape
     k_blocks = math.ceil(k / block_size)
     # signed [-2^(b-1), 2^(b-1)-1] fits [-8, 7]: stored = code + 8 (the op's default zp)
     stored = codes + 8 if qp.symmetric else codes
     zero_points = None
     pad = k_blocks * block_size - k
-    scale = qp.scale.float().numpy()
+    scale = qp.scale.detach().cpu().float().numpy()
     if isinstance(qp.granularity, PerGroup):
         scales = scale.reshape(n, k_blocks)
-        zps = None if qp.symmetric else qp.zero_point.numpy().reshape(n, k_blocks)
+        zps = None if qp.symmetric else qp.zero_point.cpu().numpy().reshape(n, k_blocks)
     else:
         scales = np.broadcast_to(scale.reshape(-1, 1), (n, k_blocks))
-        zps = None if qp.symmetric else np.broadcast_to(qp.zero_point.numpy().reshape(-1, 1), (n, k_blocks))
+        zps = None if qp.symmetric else np.broadcast_to(qp.zero_point.cpu().numpy().reshape(-1, 1),
+                                                        (n, k_blocks))
     fill = 8 if qp.symmetric else 0
     stored = np.pad(stored, ((0, 0), (0, pad)), constant_values=fill).astype(np.uint8)
     if pad and zps is not None:  # padded codes must dequantize to 0
@@ -406,7 +407,7 @@ def export_w4_weight_only_onnx(qmodel_w4: VisionTransformer, path: str | os.Path
     if not layers or wide:
         raise ConfigError("W4 weight-only export needs every quantized Linear at <= 4 bits"
                           + (f"; {', '.join(wide[:3])} are wider" if wide else "; none found"))
-    twin = copy.deepcopy(qmodel_w4).eval()
+    twin = copy.deepcopy(qmodel_w4).eval().cpu()
     for name, module in list(twin.named_modules()):
         if isinstance(module, QuantLinear) and module.weight_qparams is not None:
             _set_child(twin, name, _DequantLinear(module))
@@ -437,7 +438,7 @@ def _replace_matmuls_with_nbits(model: onnx.ModelProto, layers: Mapping[str, Qua
         if node.op_type == "MatMul" and node.input[1] in inits:
             weight_t = numpy_helper.to_array(inits[node.input[1]])
             for name, layer in by_shape.get(tuple(weight_t.shape), []):
-                if np.array_equal(weight_t, layer.weight.detach().t().float().numpy()):
+                if np.array_equal(weight_t, layer.weight.detach().cpu().t().float().numpy()):
                     match = (name, layer)
                     break
         if match is None:

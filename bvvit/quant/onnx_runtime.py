@@ -344,7 +344,8 @@ def _interleaved_latency(fp_model: torch.nn.Module, sessions: Mapping[str, ort.I
         fns[f"ort_{name}"] = numpy_fn(session)
         to_input[f"ort_{name}"] = lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)
     inputs = {int(b): _batch_of(loader, int(b)) for b in batch_sizes}
-    kinds = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer", "ort_w4": "integer"}
+    kinds = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer",
+             "ort_w4": "weight_only_int4"}
     results = measure_interleaved(fns, inputs, warmup=warmup, runs=max(10, runs),
                                   kinds={k: v for k, v in kinds.items() if k in fns}, to_input=to_input)
     base = {(r.name, r.batch_size): r.median_ms for r in results}

@@ -1,0 +1,418 @@
+"""Real int8 speed: our static W8A8 in ONNX Runtime against what a user would pick instead.
+
+    python benchmarks/ptq_speed.py [--model-path OUT/vit_model.pth] [--calib-size 256]
+        [--eval-subset N] [--runs 20] [--threads 2] [--json PATH] [--skip-compile]
+
+Without ``--model-path``: a random-weight ViT 6x192, patch 7, on 28x28 with random
+calibration images (accuracy columns are then n/a). Everything is measured in ONE
+process, latency interleaved round-robin (bvvit.evaluate.latency), so machine noise hits
+every variant alike: compare ratios within a run, not absolute times across runs.
+
+Variants: PyTorch FP32 eager; ONNX Runtime FP32; OUR static W8A8 (our calibration, QDQ
+export); ORT ``quantize_static`` (QDQ, per-channel, MinMax, uint8 and int8 activations);
+ORT ``quantize_dynamic``; ``torch.ao.quantization.quantize_dynamic``; and, when torchao
+imports and ``--skip-compile`` is not given, PT2E X86InductorQuantizer + torch.compile and
+torchao int8 dynamic + torch.compile (each skipped with its reason if it fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import os
+
+# Spinning worker threads (OpenMP's and ORT's) steal the cores from whichever runtime
+# runs next in the interleaved rounds; every runtime waits passively instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bvvit.config import ModelConfig, Preprocessing  # noqa: E402
+from bvvit.evaluate.classification import collect_logits  # noqa: E402
+from bvvit.evaluate.latency import measure_interleaved  # noqa: E402
+from bvvit.evaluate.system import system_info  # noqa: E402
+from bvvit.io import atomic_write_json  # noqa: E402
+from bvvit.model import VisionTransformer  # noqa: E402
+from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
+from bvvit.quant.onnx_runtime import (make_session, numpy_fn, optimized_op_report,  # noqa: E402
+                                      session_fn)
+from bvvit.quant.quantize import quantize_model  # noqa: E402
+from bvvit.quant.recipes import make_quant_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-path", help="vit_model.pth from run.py (default: random ViT 6x192)")
+    p.add_argument("--data-path", help="data set (default: what the model was trained on)")
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--eval-subset", type=int, default=None, help="evaluate on N validation images")
+    p.add_argument("--runs", type=int, default=20, help="timed rounds per batch size (>= 10)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    p.add_argument("--recipe", default="mse", help="our recipe (mse, percentile, minmax)")
+    p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--compile-budget-s", type=float, default=60.0,
+                   help="start no further torch.compile peer after this many seconds of compiling")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.add_argument("--out-dir", help="keep the ONNX files here (default: a temp folder)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------ model and data
+
+def random_setup(calib_size: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    config = ModelConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=192,
+                         depth=6, num_heads=3)
+    model = VisionTransformer(config).eval()
+    images = torch.randn(calib_size, 1, 28, 28)
+    calib = [(images[i:i + 64], torch.zeros(len(images[i:i + 64]), dtype=torch.long))
+             for i in range(0, calib_size, 64)]
+    return {"model": model, "pre": Preprocessing(), "class_names": [str(i) for i in range(10)],
+            "calib": calib, "val": None, "desc": "random-weight ViT 6x192 patch 7, 28x28"}
+
+
+def model_setup(args: argparse.Namespace) -> dict[str, Any]:
+    from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
+    from bvvit.model_file import load_model_file
+    loaded = load_model_file(args.model_path)
+    source = resolve_data(args.data_path or loaded.data.get("data_path") or "fashion-mnist")
+    pre = loaded.preprocessing
+    val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=args.eval_subset)
+    calib, _ = calibration_loader(source, pre, args.calib_size, seed=0, batch_size=64)
+    return {"model": loaded.model.eval(), "pre": pre, "class_names": loaded.class_names,
+            "calib": calib, "val": build_loader(val_set, 64, shuffle=False),
+            "desc": f"{args.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
+                    f"{len(val_set)} validation images)"}
+
+
+# ------------------------------------------------------------------------ variants
+
+FLOAT_BASELINES = ("PyTorch FP32 eager", "ORT FP32")
+
+
+class Variant:
+    """One competitor: a callable for timing and evaluation, its input kind and file size."""
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], numpy_input: bool,
+                 size_bytes: Optional[int], note: str = "",
+                 eval_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.name, self.fn, self.numpy_input = name, fn, numpy_input
+        self.size_bytes, self.note = size_bytes, note
+        self.eval_fn = eval_fn or fn
+
+
+def torch_size(module: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def padded(fn: Callable[[torch.Tensor], torch.Tensor], batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Run ``fn`` on batches padded to ``batch`` rows (compiled models see one shape)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < batch:
+            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
+        return fn(x)[:n]
+    return run
+
+
+def ort_variant(name: str, path: Path, threads: int, note: str = "") -> Variant:
+    session = make_session(path, threads=threads, allow_spinning=False)
+    return Variant(name, numpy_fn(session), True, path.stat().st_size, note, session_fn(session))
+
+
+class _Reader:
+    """ORT CalibrationDataReader over the same calibration images we use."""
+
+    def __init__(self, calib: Any, input_name: str):
+        self.batches = [{input_name: b[0].numpy().astype(np.float32)} for b in calib]
+        self.index = 0
+
+    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+        if self.index >= len(self.batches):
+            return None
+        self.index += 1
+        return self.batches[self.index - 1]
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def ort_static_peers(fp_path: Path, folder: Path, calib: Any, threads: int) -> list[Variant]:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+    prepped = folder / "fp32_prepped.onnx"
+    quant_pre_process(str(fp_path), str(prepped))
+    out = []
+    for act, label in ((QuantType.QUInt8, "U8S8"), (QuantType.QInt8, "S8S8")):
+        path = folder / f"ort_static_{label}.onnx"
+        quantize_static(str(prepped), str(path), _Reader(calib, "image"), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        out.append(ort_variant(f"ORT quantize_static QDQ {label}", path, threads,
+                               "per-channel, MinMax, ORT's calibration"))
+    return out
+
+
+def ort_dynamic_peer(fp_path: Path, folder: Path, threads: int) -> Variant:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    path = folder / "ort_dynamic.onnx"
+    quantize_dynamic(str(fp_path), str(path), weight_type=QuantType.QInt8)
+    return ort_variant("ORT quantize_dynamic", path, threads, "int8 weights, dynamic activations")
+
+
+def torch_dynamic_peer(model: nn.Module) -> Variant:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao
+        qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                        dtype=torch.qint8)
+    return Variant("torch.ao quantize_dynamic", qmodel, False, torch_size(qmodel), "x86/fbgemm")
+
+
+def pt2e_peer(model: nn.Module, calib: Any, example: torch.Tensor) -> Variant:
+    """PT2E static int8 (X86InductorQuantizer) compiled with Inductor freezing, the
+    recipe of the PyTorch tutorial. One static-shape export per timed batch size:
+    with a dynamic batch Inductor's quantized conv lowering fails a stride check here."""
+    import torch._inductor.config as inductor_config
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    inductor_config.freezing = True  # folds weight quantization into oneDNN int8 kernels
+    compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    converted = None
+    for batch in (1, example.shape[0]):
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        with torch.no_grad():
+            exported = torch.export.export(copy.deepcopy(model), (example[:batch],)).module()
+            prepared = prepare_pt2e(exported, quantizer)
+            for images, *_ in calib:
+                for start in range(0, images.shape[0] - batch + 1, batch):
+                    prepared(images[start:start + batch])
+            converted = convert_pt2e(prepared)
+            compiled[batch] = torch.compile(converted)
+            compiled[batch](example[:batch])  # compile now: failures and time show here
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return compiled[x.shape[0]](x)
+    return Variant("PT2E X86Inductor + compile", run, False, torch_size(converted),
+                   "static int8, Inductor freezing", padded(run, example.shape[0]))
+
+
+def _compile_now(compiled: Callable[[torch.Tensor], Any], example: torch.Tensor) -> None:
+    """Compile for both timed batch sizes now, so failures and compile time show here."""
+    with torch.no_grad():
+        compiled(example[:1])
+        compiled(example)
+
+
+def torchao_dynamic_peer(model: nn.Module, example: torch.Tensor) -> Variant:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    qmodel = copy.deepcopy(model)
+    quantize_(qmodel, Int8DynamicActivationInt8WeightConfig())
+    compiled = torch.compile(qmodel)
+    _compile_now(compiled, example)
+    return Variant("torchao int8 dynamic + compile", compiled, False, torch_size(qmodel),
+                   "int8 dynamic activations", padded(compiled, 64))
+
+
+def try_peer(label: str, build: Callable[[], Any], skipped: dict[str, str]) -> list[Variant]:
+    """Build one peer; a peer that fails here is reported with its reason, not fatal."""
+    start = time.perf_counter()
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # ORT's quantizer logs harmless per-tensor warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = build()
+    except Exception as exc:  # noqa: BLE001 - any failure means "does not work here"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        skipped[label] = f"{type(exc).__name__}: {first[:200]}"
+        print(f"  skipped {label}: {skipped[label]}", flush=True)
+        return []
+    finally:
+        root_logger.setLevel(level)
+    print(f"  built {label} in {time.perf_counter() - start:.1f} s", flush=True)
+    return result if isinstance(result, list) else [result]
+
+
+# ------------------------------------------------------------------------ main
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setup = model_setup(args) if args.model_path else random_setup(args.calib_size)
+    model, calib, val = setup["model"], setup["calib"], setup["val"]
+    c = model.config
+    example = torch.randn(64, c.in_chans, c.img_size, c.img_size)
+    print(f"model: {setup['desc']}; threads {args.threads}", flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(args.out_dir) if args.out_dir else Path(tmp.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, str] = {}
+
+    start = time.perf_counter()
+    qmodel, _ = quantize_model(model, make_quant_config(args.recipe, 8, 8,
+                                                        calib_size=args.calib_size), calib)
+    print(f"  our {args.recipe} W8A8 calibration: {time.perf_counter() - start:.1f} s", flush=True)
+    fp_path = export_float_onnx(model, folder / "vit_fp32.onnx", setup["pre"], setup["class_names"])
+    ours_path = export_qdq_onnx(qmodel, folder / "vit_w8a8.onnx", setup["pre"], setup["class_names"])
+    ops = optimized_op_report(ours_path, threads=args.threads)
+    print(f"  our W8A8 graph after ORT optimization: integer ops {ops['integer_ops']}, "
+          f"float matmuls {len(ops['float_matmuls'])}, unfused QDQ {len(ops['unfused_qdq_matmuls'])}")
+
+    variants = [Variant(FLOAT_BASELINES[0], model, False, torch_size(model)),
+                ort_variant(FLOAT_BASELINES[1], fp_path, args.threads),
+                ort_variant(f"OURS static W8A8 ({args.recipe}) ORT", ours_path, args.threads,
+                            "our calibration, QDQ U8S8")]
+    variants += try_peer("ORT quantize_static", lambda: ort_static_peers(fp_path, folder, calib,
+                                                                          args.threads), skipped)
+    variants += try_peer("ORT quantize_dynamic", lambda: ort_dynamic_peer(fp_path, folder, args.threads), skipped)
+    variants += try_peer("torch.ao quantize_dynamic", lambda: torch_dynamic_peer(model), skipped)
+    compile_peers = {"PT2E X86InductorQuantizer": lambda: pt2e_peer(model, calib, example),
+                     "torchao int8 dynamic": lambda: torchao_dynamic_peer(model, example)}
+    start = time.perf_counter()
+    for label, build in compile_peers.items():
+        spent = time.perf_counter() - start
+        if args.skip_compile:
+            skipped[label] = "--skip-compile"
+        elif spent > args.compile_budget_s:
+            skipped[label] = (f"compile budget spent ({spent:.0f} s of --compile-budget-s "
+                              f"{args.compile_budget_s:.0f})")
+        else:
+            variants += try_peer(label, build, skipped)
+
+    accuracy: dict[str, Optional[float]] = {v.name: None for v in variants}
+    if val is not None:
+        for v in variants:
+            try:
+                logits, labels = collect_logits(v.eval_fn, val)
+                accuracy[v.name] = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
+            except Exception as exc:  # noqa: BLE001 - report and keep timing the others
+                skipped[f"{v.name} accuracy"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        print(f"  evaluated on {len(labels)} images", flush=True)
+    sim_top1 = None  # our simulated (fake-quant) model, for reference
+    if val is not None:
+        logits, labels = collect_logits(qmodel, val)
+        sim_top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
+
+    inputs = {1: example[:1].contiguous(), 64: example}
+    if val is not None:  # real images for timing
+        real = torch.cat([b[0] for _, b in zip(range(2), val)])[:64]
+        if len(real) == 64:
+            inputs = {1: real[:1].contiguous(), 64: real.contiguous()}
+    fns = {v.name: v.fn for v in variants}
+    to_input = {v.name: (lambda x: np.ascontiguousarray(x.numpy())) for v in variants if v.numpy_input}
+    start = time.perf_counter()
+    results = measure_interleaved(fns, inputs, warmup=args.warmup, runs=max(10, args.runs),
+                                  to_input=to_input)
+    print(f"  timed in {time.perf_counter() - start:.1f} s", flush=True)
+    table = build_table(variants, results, accuracy)
+    info = system_info()
+    report = {"model": setup["desc"], "threads": args.threads, "runs": max(10, args.runs),
+              "warmup": args.warmup, "recipe": args.recipe, "sim_w8a8_top1": sim_top1,
+              "rows": table, "skipped": skipped, "our_graph_ops": ops,
+              "verdict": verdict(table),
+              "system": {k: info[k] for k in ("cpu_model", "usable_cores", "isa_flags",
+                                              "cpu_capability", "libraries")}}
+    print_table(report)
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    tmp.cleanup()
+    return report
+
+
+def build_table(variants: list[Variant], results: list[Any], accuracy: dict[str, Optional[float]]) -> list[dict[str, Any]]:
+    by = {(r.name, r.batch_size): r for r in results}
+    fp_size = variants[0].size_bytes
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {"variant": v.name, "top1": accuracy.get(v.name), "size_bytes": v.size_bytes,
+                               "size_ratio": v.size_bytes / fp_size if v.size_bytes else None,
+                               "note": v.note}
+        for b in (1, 64):
+            r = by[(v.name, b)]
+            row[f"b{b}_median_ms"], row[f"b{b}_p90_ms"] = r.median_ms, r.p90_ms
+            row[f"b{b}_speedup_vs_pytorch_fp32"] = by[("PyTorch FP32 eager", b)].median_ms / r.median_ms
+            row[f"b{b}_speedup_vs_ort_fp32"] = by[("ORT FP32", b)].median_ms / r.median_ms
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Is ours at least as fast as the fastest quantized peer at b1 and b64, and as accurate?"""
+    ours = next(r for r in rows if r["variant"].startswith("OURS"))
+    peers = [r for r in rows if r is not ours and r["variant"] not in FLOAT_BASELINES]
+    out: dict[str, Any] = {}
+    for b in (1, 64):
+        key = f"b{b}_median_ms"
+        fastest = min(peers, key=lambda r: r[key])
+        overall = min((r for r in rows if r is not ours), key=lambda r: r[key])
+        out[f"b{b}"] = {"ours_ms": ours[key], "fastest_peer": fastest["variant"],
+                        "fastest_peer_ms": fastest[key], "ours_speedup_vs_fastest_peer":
+                        fastest[key] / ours[key], "met": ours[key] <= fastest[key],
+                        "fastest_other_incl_float": overall["variant"]}
+    if ours["top1"] is not None:
+        best = max((r["top1"] for r in peers if r["top1"] is not None), default=None)
+        out["accuracy"] = {"ours_top1": ours["top1"], "best_peer_top1": best,
+                           "met": best is None or ours["top1"] >= best}
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    info = report["system"]
+    isa = ", ".join(k for k, v in info["isa_flags"].items() if v) or "unknown"
+    print(f"\nCPU: {info['cpu_model']} ({info['usable_cores']} usable cores; ISA: {isa}; torch "
+          f"dispatch {info['cpu_capability']}); threads {report['threads']}; "
+          f"{report['runs']} interleaved rounds after {report['warmup']} warm-up")
+    libs = info["libraries"]
+    print(f"torch {libs.get('torch')}, onnxruntime {libs.get('onnxruntime')}, onnx {libs.get('onnx')}")
+    header = (f"| {'variant':38s} | {'top-1':>6s} | {'size bytes':>10s} | {'/FP32':>5s} | "
+              f"{'b1 med':>7s} | {'b1 p90':>7s} | {'b64 med':>7s} | {'b64 p90':>7s} | "
+              f"{'x PT b1':>7s} | {'x ORT b1':>8s} | {'x PT b64':>8s} | {'x ORT b64':>9s} |")
+    print(header)
+    print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
+    for r in report["rows"]:
+        print(f"| {r['variant']:38s} | {_fmt(r['top1'], '6.2f')} | {r['size_bytes'] or 0:10d} | "
+              f"{_fmt(r['size_ratio'], '5.3f')} | {r['b1_median_ms']:7.2f} | {r['b1_p90_ms']:7.2f} | "
+              f"{r['b64_median_ms']:7.2f} | {r['b64_p90_ms']:7.2f} | "
+              f"{r['b1_speedup_vs_pytorch_fp32']:6.2f}x | {r['b1_speedup_vs_ort_fp32']:7.2f}x | "
+              f"{r['b64_speedup_vs_pytorch_fp32']:7.2f}x | {r['b64_speedup_vs_ort_fp32']:8.2f}x |")
+    if report["sim_w8a8_top1"] is not None:
+        print(f"our simulated (fake-quant) W8A8 top-1: {report['sim_w8a8_top1']:.2f}")
+    for name, reason in report["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    for b in ("b1", "b64"):
+        v = report["verdict"][b]
+        print(f"{b}: ours {v['ours_ms']:.2f} ms vs fastest peer ({v['fastest_peer']}) "
+              f"{v['fastest_peer_ms']:.2f} ms -> {'MET' if v['met'] else 'NOT met'} "
+              f"(ours is {v['ours_speedup_vs_fastest_peer']:.2f}x its speed)")
+    if "accuracy" in report["verdict"]:
+        a = report["verdict"]["accuracy"]
+        print(f"accuracy: ours {a['ours_top1']:.2f} vs best peer {_fmt(a['best_peer_top1'], '.2f')} -> "
+              f"{'MET' if a['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
