@@ -113,7 +113,7 @@ class TrainConfig:
     tensorboard: bool = False
     train_subset: Optional[int] = None  # use the first N training images (smoke tests)
     val_subset: Optional[int] = None
-    augment: str = "light"  # none | light (crop+flip) | strong (random-resized-crop+flip)
+    augment: str = "light"  # none | flip | light (crop+flip) | strong (random-resized-crop+flip)
     eval_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -133,8 +133,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _require_positive(name, value)
-        if self.augment not in ("none", "light", "strong"):
-            raise ConfigError(f"--augment must be none, light or strong, got {self.augment!r}")
+        if self.augment not in ("none", "flip", "light", "strong"):
+            raise ConfigError(f"--augment must be none, flip, light or strong, got {self.augment!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,9 +22,9 @@ def build_parser() -> OneLineParser:
                    help="use only N training images (quick experiments)")
     g.add_argument("--val-subset", type=positive_int, default=None, help="use only N validation images")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    g.add_argument("--augment", choices=["none", "light", "strong"], default=d.augment,
-                   help="train augmentation: light = crop with padding + flip (default), "
-                        "strong = random-resized-crop + flip")
+    g.add_argument("--augment", choices=["none", "flip", "light", "strong"], default=d.augment,
+                   help="train augmentation: flip = horizontal flip only, light = crop with "
+                        "padding + flip (default), strong = random-resized-crop + flip")
     g = p.add_argument_group("model")
     g.add_argument("--img-size", type=positive_int, default=None,
                    help="input size (default: the data's native size, 28 for Fashion-MNIST; 224 for folders)")

@@ -11,6 +11,8 @@ Pipelines (S = img_size):
 
 - eval (and train with augment "none"): resize the shorter side to
   ``int(S / crop_pct)``, centre-crop S (both skipped when already S x S), normalise;
+- "flip": eval geometry and a horizontal flip with p = 0.5 (short schedules: the model
+  fits the data faster than with crops);
 - "light": eval geometry, then a random S crop of the image zero-padded by
   ``max(2, S // 14)`` pixels, then a horizontal flip with p = 0.5;
 - "strong": RandomResizedCrop(S, scale=(0.35, 1), ratio=(3/4, 4/3)) and the flip.
@@ -27,7 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from bvvit.config import Preprocessing
 from bvvit.errors import ConfigError
 
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "flip", "light", "strong")
 STRONG_SCALE = (0.35, 1.0)
 STRONG_RATIO = (3 / 4, 4 / 3)
 _LOG_RATIO = (math.log(STRONG_RATIO[0]), math.log(STRONG_RATIO[1]))
@@ -76,6 +78,8 @@ class ImageTransform:
             flip = False
             if self.mode == "light":
                 image, flip = self._random_padded_crop(image)
+            elif self.mode == "flip":
+                flip = torch.rand(()).item() < 0.5
         if flip:
             image = F.horizontal_flip(image)
         if image.shape[-3] not in (1, self.pre.in_chans):
