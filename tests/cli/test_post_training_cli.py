@@ -31,7 +31,14 @@ def test_end_to_end(trained, tmp_path):
     result = _ptq(out / "vit_model.pth", "--bits", "4", "8", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
-    assert [r["name"] for r in rows] == ["fp32", "w4a4", "w4a4-minmax", "w8a8", "w8a8-minmax"]
+    assert [r["name"] for r in rows][:5] == ["fp32", "w4a4", "w4a4-minmax", "w8a8", "w8a8-minmax"]
+    # real integer inference in ONNX Runtime beside the simulated rows
+    onnx = {r["name"]: r for r in rows[5:]}
+    assert onnx["onnx-w8a8"]["kernel"] == "onnxruntime-int8"
+    assert onnx["onnx-fp32"]["kernel"] == "onnxruntime-float"
+    assert (tmp_path / "onnx" / "vit_w8a8.onnx").is_file()
+    assert abs(float(onnx["onnx-fp32"]["top1"]) - float(rows[0]["top1"])) <= 0.01
+    assert (tmp_path / "report.html").is_file()
     for column in ("name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
                    "sqnr_db", "size_bytes", "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel"):
         assert column in rows[0]
@@ -41,7 +48,7 @@ def test_end_to_end(trained, tmp_path):
     assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "mse"
     assert summary["variants"]["w8a8"]["coverage"]
     # sizes are the real files
-    for row in rows[1:]:
+    for row in rows[1:5]:
         path = tmp_path / "models" / f"vit_{row['name']}.safetensors"
         assert int(row["size_bytes"]) == path.stat().st_size
     assert int(rows[1]["size_bytes"]) < int(rows[3]["size_bytes"]) < int(rows[0]["size_bytes"])

@@ -1,0 +1,75 @@
+"""What every ONNX export here shares: the file's conventions (opset, input / output names,
+the ``metadata_props`` described in :mod:`bvvit.quant.export`), the TorchScript export of a
+model with a dynamic batch axis, the checked atomic save, and swapping a submodule of the
+twin being exported.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from bvvit.config import Preprocessing
+from bvvit.io import atomic_path
+
+DEFAULT_OPSET = 17  # LayerNormalization is an ONNX op from 17 on
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+ONNX_FORMAT = "bvvit-onnx"
+ONNX_FORMAT_VERSION = 1
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _torch_export(model: nn.Module, opset: int) -> onnx.ModelProto:
+    """The TorchScript exporter's graph of ``model`` (dynamic batch axis)."""
+    c = model.config
+    example = torch.randn(2, c.in_chans, c.img_size, c.img_size)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation / tracer warnings
+        path = Path(folder) / "raw.onnx"
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                          do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        return onnx.load(str(path))
+
+
+def metadata_for(preprocessing: Preprocessing | Mapping[str, Any], class_names: Sequence[str],
+                 variant: str, extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+    """The ``metadata_props`` written into every exported file (all values strings)."""
+    pre = preprocessing.to_dict() if isinstance(preprocessing, Preprocessing) else dict(preprocessing)
+    meta = {
+        "bvvit.format": ONNX_FORMAT,
+        "bvvit.format_version": str(ONNX_FORMAT_VERSION),
+        "bvvit.variant": variant,
+        "input": f"{INPUT_NAME}: normalised float32 (B, C, H, W) = (pixel / 255 - mean) / std",
+        "mean": json.dumps(list(pre.get("mean", []))),
+        "std": json.dumps(list(pre.get("std", []))),
+        "img_size": str(pre.get("img_size", "")),
+        "in_chans": str(pre.get("in_chans", "")),
+        "preprocessing": json.dumps(pre),
+        "class_names": json.dumps(list(class_names)),
+    }
+    for key, value in (extra or {}).items():
+        meta[f"bvvit.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def _save(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "bvvit"
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))

@@ -1,0 +1,167 @@
+"""What every figure of the report shares: the :class:`Figure` record, colours and the
+matplotlib style, the atomic PNG save that stores a figure's numbers in the file (text
+chunk ``bvvit-data``, read back with :func:`read_plot_data`), the readers of summary.json's
+rows, and the wording (``W4A4``, ``+0.39``) and tolerances that captions use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from bvvit.io import atomic_path
+
+PLOTS_DIR = "plots"
+DPI = 110
+DATA_KEY = "bvvit-data"
+STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+         "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
+         "axes.spines.right": False, "figure.facecolor": "white"}
+MAIN_COLOR, BASELINE_COLOR, FP_COLOR = "#1f77b4", "#ff7f0e", "#222222"
+EXTRA_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+SIMULATED, FLOAT = "simulated", "float"
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    path: Optional[Path]
+    caption: str
+
+
+# ------------------------------------------------------------------ shared helpers
+
+def num(value: Any) -> Optional[float]:
+    """A float from a summary value (``"inf"`` strings included); None stays None."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[Any]:
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        yield plt
+
+
+def _save(fig: Any, out_dir: Path, filename: str, data: Any) -> Path:
+    path = Path(out_dir) / PLOTS_DIR / filename
+    metadata = {"Software": "bvvit", DATA_KEY: json.dumps(data, default=str, allow_nan=True)}
+    with atomic_path(path) as tmp:
+        # tight: nothing (rotated class names, titles) is cut off, no empty margins
+        fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata, bbox_inches="tight", pad_inches=0.12)
+    _pyplot().close(fig)
+    return path
+
+
+def read_plot_data(path: str | Path) -> Any:
+    """The data stored in a figure written here (for tests and checks)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text[DATA_KEY])
+
+
+def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(summary.get("rows") or [])
+
+
+def fp_row(summary: dict[str, Any]) -> Optional[dict[str, Any]]:
+    return next((r for r in rows_of(summary) if r.get("recipe") == FLOAT or r["name"] == "fp32"), None)
+
+
+def main_recipe(summary: dict[str, Any]) -> Optional[str]:
+    quantized = [r for r in rows_of(summary) if r.get("recipe") != FLOAT]
+    recipes = [r["recipe"] for r in quantized]
+    return summary.get("recipe") if summary.get("recipe") in recipes else (recipes[0] if recipes else None)
+
+
+def series(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Quantized rows by series (recipe, plus the kernel when it is not simulated; a row
+    named other than ``wXaY[-recipe]`` is a series of its own), main recipe first; each
+    series sorted by (w_bits, a_bits)."""
+    main = main_recipe(summary)
+    out: dict[str, list[dict[str, Any]]] = {}
+    quantized = [r for r in rows_of(summary) if r.get("recipe") != FLOAT]
+    quantized.sort(key=lambda r: (r.get("recipe") != main, r.get("kernel") != SIMULATED))
+    for row in quantized:
+        kernel = row.get("kernel") or SIMULATED
+        canonical = re.fullmatch(rf"w{row['w_bits']}a{row['a_bits']}(-{re.escape(str(row['recipe']))})?",
+                                 row["name"])
+        if kernel != SIMULATED:
+            label = f"{row['recipe']} · {kernel}"
+        else:  # a recipe's sweep; anything else (e.g. a mixed-precision variant) stands alone
+            label = row["recipe"] if canonical else row["name"]
+        out.setdefault(label, []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: (r["w_bits"], r["a_bits"]))
+    return out
+
+
+def main_series(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return series(summary).get(main_recipe(summary) or "", [])
+
+
+def bits_label(row: dict[str, Any]) -> str:
+    return f"W{row['w_bits']}A{row['a_bits']}"
+
+
+def signed(value: float, digits: int = 2) -> str:
+    """``+0.39`` / ``-1.20``, and ``0.00`` rather than ``-0.00``."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
+def display_name(name: str) -> str:
+    """``w4a4-minmax`` -> ``W4A4-minmax``, ``fp32`` -> ``FP32``."""
+    if name == "fp32":
+        return "FP32"
+    return re.sub(r"^w(\d+)a(\d+)", lambda m: f"W{m.group(1)}A{m.group(2)}", name)
+
+
+def lowest_main(summary: dict[str, Any]) -> Optional[dict[str, Any]]:
+    rows = main_series(summary)
+    return rows[0] if rows else None
+
+
+def noise_floor(summary: dict[str, Any]) -> float:
+    """Accuracy points one evaluation image is worth."""
+    n = summary.get("num_eval_images") or 0
+    return 100.0 / n if n else 0.0
+
+
+def _tolerance(summary: dict[str, Any]) -> float:
+    return max(0.1, noise_floor(summary))
+
+
+def _figure_legend(fig: Any, axes: Any, columns: int = 4) -> None:
+    """One legend below all panels (never over the data), each label once."""
+    handles: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=columns, frameon=False)
+
+
+def _skip(reason: str) -> tuple[None, str]:
+    return None, reason
