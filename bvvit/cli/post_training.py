@@ -79,6 +79,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--no-attention-matmul", action="store_true", help="keep q, k, v float")
     g.add_argument("--no-softmax", action="store_true", help="keep attention probabilities float")
     g.add_argument("--residual", action="store_true", help="also quantize the residual additions")
+    g.add_argument("--softmax-log2", action="store_true",
+                   help="quantize attention probabilities on a log2 grid (PTQ4ViT/RepQ-ViT) "
+                        "instead of a uniform one")
     g.add_argument("--no-patch-embed", action="store_true", help="keep the patch embedding float")
     g.add_argument("--no-head", action="store_true", help="keep the classifier head float")
     return p
@@ -108,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     switches = {"linear": not args.no_linear, "attention_matmul": not args.no_attention_matmul,
                 "softmax_output": not args.no_softmax, "residual": args.residual,
                 "patch_embed": not args.no_patch_embed, "head": not args.no_head}
+    if args.softmax_log2:
+        switches["softmax_method"] = "log2"
     job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
                  bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
                  calib_size=args.calib_size, batch_size=args.batch_size,
