@@ -53,7 +53,7 @@ class PTQJob:
     output_dir: str
     data_path: Optional[str] = None  # default: what the checkpoint was trained on
     bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(b, b) for b in DEFAULT_BITS])
-    recipe: str = "mse"
+    recipe: str = "vit"
     baseline: Optional[str] = "minmax"  # also run this recipe at each bit depth (None: skip)
     calib_size: int = 256
     batch_size: int = 256

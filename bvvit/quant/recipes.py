@@ -10,7 +10,8 @@ vit         mse + GPTQ rounding                    mse + post-LayerNorm reparame
                                                    (log2 softmax: softmax_method="log2")
 ==========  =====================================  ======================================
 
-``minmax`` is the naive baseline users compare against; ``mse`` is the default.
+``minmax`` is the naive baseline users compare against; ``vit`` is the default (it beat
+``mse`` at every bit depth measured on the demo model, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "mse": _mse,
     "vit": _vit,
 }
-DEFAULT_RECIPE = "mse"
+DEFAULT_RECIPE = "vit"
 
 
 def make_quant_config(recipe: str = DEFAULT_RECIPE, w_bits: int = 8, a_bits: int = 8,

@@ -45,7 +45,7 @@ def test_end_to_end(trained, tmp_path):
     assert rows[0]["kernel"] == "float" and rows[1]["kernel"] == "simulated"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["calibration"]["split"] == "train" and len(summary["calibration"]["indices"]) == 16
-    assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "mse"
+    assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "vit"  # the default
     assert summary["variants"]["w8a8"]["coverage"]
     # sizes are the real files
     for row in rows[1:5]:
