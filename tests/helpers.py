@@ -42,3 +42,12 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 300
 
 TINY_MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "16", "--depth", "1",
                    "--num-heads", "2"]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2, exactly one line on stderr, no traceback, containing ``fragments``."""
+    assert result.returncode == 2, (result.stdout[-800:], result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

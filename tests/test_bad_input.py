@@ -11,15 +11,9 @@ import torch
 from bvvit.errors import BVViTError, CheckpointError
 from bvvit.io import load_torch_file
 from bvvit.train.checkpoint import find_resume_checkpoint, save_checkpoint
-from tests.helpers import TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli
 
 
-def _one_line(result, *fragments):
-    assert result.returncode == 2, (result.stdout[-800:], result.stderr)
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _train(data, out, *extra):
@@ -32,14 +26,14 @@ def test_class_folder_without_images(tmp_path):
     data = make_image_folder(tmp_path / "d")
     for image in (data / "train" / "bee").iterdir():
         image.unlink()
-    _one_line(_train(data, tmp_path / "o"), "bee")
+    assert_one_line_error(_train(data, tmp_path / "o"), "bee")
 
 
 @pytest.mark.slow
 def test_corrupt_image_names_the_file(tmp_path):
     data = make_image_folder(tmp_path / "d")
     (data / "train" / "ant" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)
-    _one_line(_train(data, tmp_path / "o"), "0.png")
+    assert_one_line_error(_train(data, tmp_path / "o"), "0.png")
 
 
 @pytest.mark.slow
@@ -62,13 +56,13 @@ def test_bad_model_and_batch_flags(tmp_path, flags, fragment):
     data = make_image_folder(tmp_path / "d")
     result = run_cli("run.py", "--data-path", str(data), "--output-dir", str(tmp_path / "o"),
                      "--img-size", "16", "--patch-size", "4", "--depth", "1", "--no-progress", *flags)
-    _one_line(result, fragment)
+    assert_one_line_error(result, fragment)
 
 
 @pytest.mark.slow
 def test_output_dir_not_writable(tmp_path):
     data = make_image_folder(tmp_path / "d")
-    _one_line(_train(data, "/proc/bvvit-out"), "/proc/bvvit-out")
+    assert_one_line_error(_train(data, "/proc/bvvit-out"), "/proc/bvvit-out")
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

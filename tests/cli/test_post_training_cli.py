@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -63,39 +63,33 @@ def test_decoupled_bits_and_default_output_dir(trained):
     assert [r["name"] for r in rows] == ["fp32", "w4a8"]
 
 
-def _one_line(result, *fragments):
-    assert result.returncode == 2, (result.stdout[-500:], result.stderr)
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_error_bits_out_of_range(trained, tmp_path):
-    _one_line(_ptq(trained[1] / "vit_model.pth", "--bits", "17"), "between 2 and 16")
-    _one_line(_ptq(trained[1] / "vit_model.pth", "--bits", "1"), "between 2 and 16")
+    assert_one_line_error(_ptq(trained[1] / "vit_model.pth", "--bits", "17"), "between 2 and 16")
+    assert_one_line_error(_ptq(trained[1] / "vit_model.pth", "--bits", "1"), "between 2 and 16")
 
 
 def test_error_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    _one_line(_ptq(bad), "notes.txt")
-    _one_line(_ptq(tmp_path / "missing.pth"), "does not exist")
+    assert_one_line_error(_ptq(bad), "notes.txt")
+    assert_one_line_error(_ptq(tmp_path / "missing.pth"), "does not exist")
 
 
 def test_error_classes_differ(trained, tmp_path):
     other = make_image_folder(tmp_path / "other", classes=("dog", "eel", "fox"))
-    _one_line(_ptq(trained[1] / "vit_model.pth", "--data-path", str(other)), "classes")
+    assert_one_line_error(_ptq(trained[1] / "vit_model.pth", "--data-path", str(other)), "classes")
 
 
 def test_error_calib_size_larger_than_train_split(trained):
-    _one_line(_ptq(trained[1] / "vit_model.pth", "--calib-size", "100000"), "--calib-size")
+    assert_one_line_error(_ptq(trained[1] / "vit_model.pth", "--calib-size", "100000"), "--calib-size")
 
 
 def test_error_training_checkpoint_of_other_kind(tmp_path):
     path = tmp_path / "plain.pth"
     torch.save({"weight": torch.zeros(3)}, path)
-    _one_line(_ptq(path), "not a BV-ViT model file")
+    assert_one_line_error(_ptq(path), "not a BV-ViT model file")
 
 
 def test_rerun_reuses_finished_bit_depths(trained, tmp_path):
@@ -129,4 +123,4 @@ def test_timm_state_dict_on_imagenet_style_folder(tmp_path):
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["class_names"] == ["ant", "bee", "cat"]
     assert summary["model_config"]["img_size"] == 32
-    _one_line(_ptq(path, "--bits", "8"), "--data-path")
+    assert_one_line_error(_ptq(path, "--bits", "8"), "--data-path")

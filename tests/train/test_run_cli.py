@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import HAS_FMNIST
-from tests.helpers import TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -85,40 +85,33 @@ def test_resume_falls_back_to_backup(folder, trained, tmp_path):
     assert "used the backup" in result.stdout
 
 
-def _assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_error_missing_data_path(tmp_path):
-    _assert_one_line_error(_train(tmp_path / "nope", tmp_path / "o"), "nope")
+    assert_one_line_error(_train(tmp_path / "nope", tmp_path / "o"), "nope")
 
 
 def test_error_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    _assert_one_line_error(_train(tmp_path / "empty", tmp_path / "o"), "empty")
+    assert_one_line_error(_train(tmp_path / "empty", tmp_path / "o"), "empty")
 
 
 def test_error_patch_not_dividing(folder, tmp_path):
     result = run_cli("run.py", "--data-path", str(folder), "--output-dir", str(tmp_path),
                      "--img-size", "16", "--patch-size", "5", "--no-progress")
-    _assert_one_line_error(result, "--patch-size 5")
+    assert_one_line_error(result, "--patch-size 5")
 
 
 def test_error_num_classes_disagrees(folder, tmp_path):
     result = _train(folder, tmp_path / "o", "--num-classes", "10")
-    _assert_one_line_error(result, "--num-classes 10", "3 classes")
+    assert_one_line_error(result, "--num-classes 10", "3 classes")
 
 
 def test_error_random_bytes_checkpoint(folder, tmp_path):
     bad = tmp_path / "random.pth"
     bad.write_bytes(bytes(range(256)) * 10)
-    _assert_one_line_error(_train(folder, tmp_path / "o", "--resume", str(bad)), "random.pth")
-    _assert_one_line_error(_train(folder, tmp_path / "o", "--pretrained-path", str(bad)), "random.pth")
+    assert_one_line_error(_train(folder, tmp_path / "o", "--resume", str(bad)), "random.pth")
+    assert_one_line_error(_train(folder, tmp_path / "o", "--pretrained-path", str(bad)), "random.pth")
 
 
 def test_error_checkpoint_of_other_architecture(folder, trained, tmp_path):
@@ -126,12 +119,12 @@ def test_error_checkpoint_of_other_architecture(folder, trained, tmp_path):
                      "--epochs", "2", "--batch-size", "8", "--img-size", "16", "--patch-size", "4",
                      "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--no-progress",
                      "--resume", str(trained / "checkpoints" / "last.pth"))
-    _assert_one_line_error(result, "another architecture", "embed_dim")
+    assert_one_line_error(result, "another architecture", "embed_dim")
     result = run_cli("run.py", "--data-path", str(folder), "--output-dir", str(tmp_path),
                      "--epochs", "1", "--batch-size", "8", "--img-size", "16", "--patch-size", "4",
                      "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--no-progress",
                      "--pretrained-path", str(trained / "vit_model.pth"))
-    _assert_one_line_error(result, "does not fit")
+    assert_one_line_error(result, "does not fit")
 
 
 def test_error_pickle_that_runs_code_is_refused(folder, tmp_path):
@@ -146,14 +139,14 @@ def test_error_pickle_that_runs_code_is_refused(folder, tmp_path):
     bad = tmp_path / "evil.pth"
     bad.write_bytes(pickle.dumps({"x": Evil()}))
     result = _train(folder, tmp_path / "o", "--pretrained-path", str(bad))
-    _assert_one_line_error(result, "evil.pth")
+    assert_one_line_error(result, "evil.pth")
     assert not marker.exists()
 
 
 def test_error_output_dir_is_a_file(folder, tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    _assert_one_line_error(_train(folder, target), "not a folder")
+    assert_one_line_error(_train(folder, target), "not a folder")
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
