@@ -61,7 +61,9 @@ def qmodels(model, calib):
     cfg = make_quant_config("mse", 8, 8, calib_size=32, residual=True)
     out["w8a8-residual"], _ = quantize_model(model, cfg, calib)
     out["w16a16-vit"], _ = quantize_model(model, _vit(16, []), calib)
-    out["w4a4-vit"], _ = quantize_model(model, _vit(4, []), calib)
+    # with the log2 softmax switch, so that the log grid's statistics are covered too
+    out["w4a4-vit"], _ = quantize_model(model, make_quant_config(
+        "vit", 4, 4, calib_size=32, softmax_method="log2"), calib)
     return out
 
 
