@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import pickle
@@ -18,7 +17,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -94,14 +93,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
-def atomic_save_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Run ``writer(tmp_path)`` and rename the result into place."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_save_with(path, lambda tmp: torch.save(obj, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
@@ -132,8 +126,3 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[s
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
 
-
-def torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()

@@ -82,6 +82,7 @@ class Variant:
     metrics: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
     file: Optional[dict[str, Any]] = None
+    logits: Optional[torch.Tensor] = None  # on the evaluation split (not kept for reused variants)
 
 
 def _check_classes(loaded: LoadedModel, source_classes: list[str], data_desc: str, model_path: str) -> None:
@@ -193,7 +194,7 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
         print("ONNX int8: skipped (no w8a8 variant in this run; add 8 to --bits)")
         return None
     start = time.perf_counter()
-    sim_logits, _ = collect_logits(w8a8.model, val_loader)
+    sim_logits = w8a8.logits if w8a8.logits is not None else collect_logits(w8a8.model, val_loader)[0]
     w4 = by_name.get("w4a4") or next((v for v in variants if v.config and v.config.w_bits == 4
                                       and v.config.recipe == job.recipe), None)
     try:
@@ -273,10 +274,10 @@ def _make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, A
     # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
     file_info = save_quantized_model(out / "models" / f"vit_{name}.safetensors", qmodel, cfg,
                                      loaded, report, float_dtype=job.float_dtype)
-    metrics, _ = evaluate_classifier(qmodel, val_loader, loaded.class_names,
+    metrics, logits = evaluate_classifier(qmodel, val_loader, loaded.class_names,
                                      reference_logits=fp_logits, device=job.device,
                                      progress=job.progress)
-    variant = Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info)
+    variant = Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info, logits)
     atomic_write_json(_result_path(out, name), json_safe({
         "key": _variant_key(cache_key, cfg), "metrics": metrics, "report": variant.report,
         "file": file_info}))

@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from bvvit.config import TensorQuantSpec
 from bvvit.quant.observers import Observer, make_observer
-from bvvit.quant.primitives import (Granularity, PerChannel, PerGroup, PerTensor, QParams,
-                                    qrange)
+from bvvit.quant.primitives import (Granularity, PerChannel, PerGroup, PerTensor, QParams)
 
 OBSERVE, QUANTIZE, OFF = "observe", "quantize", "off"
 
@@ -232,4 +231,4 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 __all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantSoftmax",
            "QuantAdd", "act_quantizers", "weight_modules", "quantize_weight", "granularity_for",
-           "NotCalibratedError", "OBSERVE", "QUANTIZE", "OFF", "qrange"]
+           "NotCalibratedError", "OBSERVE", "QUANTIZE", "OFF"]

@@ -33,7 +33,7 @@ from bvvit.config import ModelConfig, Preprocessing, QuantConfig
 from bvvit.errors import CheckpointError
 from bvvit.io import atomic_path
 from bvvit.model import VisionTransformer
-from bvvit.quant.modules import QuantConv2d, QuantLinear, act_quantizers, weight_modules
+from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.log2 import qparams_from_dict
 from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits
 from bvvit.quant.primitives import QParams, granularity_from_dict, granularity_to_dict
@@ -217,4 +217,4 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
 
 
 __all__ = ["save_quantized_model", "load_quantized_model", "read_metadata", "save_float_model",
-           "quantized_tensors", "QuantConv2d", "QuantLinear"]
+           "quantized_tensors"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -74,7 +75,7 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any], is_best:
         # atomic_path renames tmp -> last.pth when this block exits
     if is_best:
         with atomic_path(folder / BEST) as tmp:
-            torch.save(payload, tmp)
+            shutil.copyfile(last, tmp)
     return last
 
 

@@ -18,11 +18,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from bvvit.data.loaders import epoch_seed
 from bvvit.errors import ConfigError
 
 
@@ -81,10 +81,6 @@ def per_rank_batch(global_batch: int, info: DistInfo) -> int:
     return global_batch // info.world_size
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    words = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, 0x5A4D]).generate_state(2)
-    return (int(words[0]) << 31) ^ int(words[1])
-
 
 class ShardedEpochSampler(Sampler[int]):
     """Shuffled, rank-sharded indices; whole global batches only (drop_last)."""
@@ -111,7 +107,7 @@ class ShardedEpochSampler(Sampler[int]):
         return (self.steps_per_epoch - self.start_step) * self.local_batch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         perm = torch.randperm(self.num_samples, generator=generator)
         used = perm[: self.steps_per_epoch * self.global_batch]  # whole global batches
         mine = used[self.info.rank :: self.info.world_size]
@@ -131,11 +127,6 @@ class ShardSampler(Sampler[int]):
         return iter(self.indices)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / torch.compile wrappers."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
-           "ShardedEpochSampler", "ShardSampler", "unwrap", "per_rank_batch"]
+           "ShardedEpochSampler", "ShardSampler", "per_rank_batch"]

@@ -22,6 +22,7 @@ from torch import nn
 from bvvit import __version__
 from bvvit.config import ModelConfig, Preprocessing, TrainConfig
 from bvvit.data import (DataSource, build_dataset, build_loader, build_transform, set_epoch)
+from bvvit.data.loaders import epoch_seed
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.evaluate.system import library_versions
 from bvvit.io import atomic_write_json, load_torch_file
@@ -67,9 +68,6 @@ def model_config_for_data(source: DataSource, img_size: Optional[int], num_class
     return ModelConfig(img_size=size, in_chans=source.in_chans, num_classes=source.num_classes,
                        **hyper)
 
-
-def _seed_epoch(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2 ** 63)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -219,7 +217,7 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     run_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(_seed_epoch(cfg.seed + 7919 * info.rank, epoch))  # ranks augment differently
+            torch.manual_seed(epoch_seed(cfg.seed + 7919 * info.rank, epoch))  # ranks augment differently
             set_epoch(train_loader, epoch)
             state = None
             if partial is not None:  # continue an interrupted epoch exactly where it stopped
