@@ -100,16 +100,16 @@ class _QDQLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight = torch.fake_quantize_per_channel_affine(
             self.weight_t, self.weight_scale, self.weight_zero_point, 1, self.qmin, self.qmax)
-        x = self.input_qdq(x)
         # A 2-D MatMul + Add is fused into a float Gemm by ONNX Runtime before its QDQ
-        # fusions run; a 3-D MatMul becomes MatMulIntegerToFloat.
+        # fusions run; a 3-D MatMul becomes MatMulIntegerToFloat. Q -> DQ -> MatMul -> Add
+        # must stay adjacent for fuse_integer_linears.
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(1)  # (B, 1, in)
-        y = torch.matmul(x, weight)  # (..., out)
-        if squeeze:
-            y = y.squeeze(1)
-        return y if self.bias is None else y + self.bias
+        y = torch.matmul(self.input_qdq(x), weight)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.squeeze(1) if squeeze else y
 
 
 class _PatchMatMulEmbed(nn.Module):
@@ -153,10 +153,21 @@ def unsupported_for_int8(qmodel: nn.Module) -> list[str]:
     return problems
 
 
-def export_twin(qmodel: VisionTransformer) -> VisionTransformer:
+ATTENTION_KINDS = ("q", "k", "v", "softmax")
+ATTENTION_MODES = ("int8", "float")
+
+
+def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTransformer:
     """A copy of ``qmodel`` whose quantizers are fake-quant ops the ONNX exporter writes
     as QuantizeLinear/DequantizeLinear pairs (same logits as ``qmodel`` up to float
-    rounding). Raises ConfigError when a tensor is not 8-bit per-tensor/per-channel."""
+    rounding). Raises ConfigError when a tensor is not 8-bit per-tensor/per-channel.
+
+    ``attention="float"`` drops the quantizers of the attention operands (q, k, v and the
+    softmax output): ``q @ k^T`` and ``attn @ v`` then run in float, as in ONNX Runtime's
+    and PyTorch's dynamic quantization; every Linear stays W8A8.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     problems = unsupported_for_int8(qmodel)
     if problems:
         shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4 else "")
@@ -174,7 +185,8 @@ def export_twin(qmodel: VisionTransformer) -> VisionTransformer:
             _set_child(twin, name, _QDQLinear(module, _qdq_of(module)))
     for name, module in list(twin.named_modules()):
         if isinstance(module, ActQuantizer):
-            _set_child(twin, name, _QDQ(module) if module.state == QUANTIZE else nn.Identity())
+            keep = module.state == QUANTIZE and not (attention == "float" and module.kind in ATTENTION_KINDS)
+            _set_child(twin, name, _QDQ(module) if keep else nn.Identity())
     return twin
 
 
@@ -206,19 +218,24 @@ def export_float_onnx(model: VisionTransformer, path: str | os.PathLike,
 
 def export_qdq_onnx(qmodel: VisionTransformer, path: str | os.PathLike,
                     preprocessing: Preprocessing | Mapping[str, Any], class_names: Sequence[str],
-                    opset: int = DEFAULT_OPSET, quant_config: Optional[Mapping[str, Any]] = None) -> Path:
+                    opset: int = DEFAULT_OPSET, quant_config: Optional[Mapping[str, Any]] = None,
+                    attention: str = "int8", fuse: bool = True) -> Path:
     """Export a calibrated W8A8 ``qmodel`` as a QDQ graph carrying our scales.
 
     Weights are int8 initializers (our codes) + DequantizeLinear (per output channel);
     every quantized activation (Linear/patch inputs, q, k, v, softmax output, and residual
     sums when quantized) gets QuantizeLinear -> DequantizeLinear with our scale / zero point.
+    ``fuse``: rewrite each quantized Linear as one ``com.microsoft.MatMulIntegerToFloat``
+    with its bias (see :func:`fuse_integer_linears`). ``attention``: see :func:`export_twin`.
     Raises ConfigError if a quantized tensor is not 8-bit (see :func:`unsupported_for_int8`).
     """
     path = Path(path)
-    twin = export_twin(qmodel)
+    twin = export_twin(qmodel, attention)
     onnx_model = _torch_export(twin, opset)
     folded = fold_constant_quantize(onnx_model)
-    extra = {"weights_folded": str(folded)}
+    extra = {"weights_folded": str(folded), "attention": attention}
+    if fuse:
+        extra["fused_linears"] = str(fuse_integer_linears(onnx_model))
     if quant_config is not None:
         extra["quant_config"] = dict(quant_config)
     _save(onnx_model, path, metadata_for(preprocessing, class_names, "w8a8", extra))
@@ -276,6 +293,86 @@ def fold_constant_quantize(model: onnx.ModelProto) -> int:
     return folded
 
 
-__all__ = ["export_float_onnx", "export_qdq_onnx", "export_w4_weight_only_onnx", "export_twin",
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def fuse_integer_linears(model: onnx.ModelProto) -> int:
+    """Rewrite every quantized Linear ``Add(MatMul(DQ(Q(x)), DQ(W_int8)), bias)`` as ONE
+    ``com.microsoft.MatMulIntegerToFloat(Q(x), W_int8, s_x, s_w, zp_x, zp_w, bias)``.
+
+    ONNX Runtime's own QDQ fusion stops at the MatMul and leaves the bias Add (one more
+    op and one more pass over the output per Linear); this is the op its dynamic
+    quantization runs, fed with our static scales instead of a per-batch min/max.
+    The math is unchanged: ``(q_x - zp_x)(q_w - zp_w) s_x s_w + b`` either way.
+    Returns how many Linears were fused; the DequantizeLinear nodes left unused are removed.
+    """
+    graph = model.graph
+    constants = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    users = _consumers(graph)
+    replace: dict[int, onnx.NodeProto] = {}  # id(Add or MatMul node) -> fused node
+    drop: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        a_dq, b_dq = (producers.get(name) for name in node.input)
+        if a_dq is None or b_dq is None or a_dq.op_type != "DequantizeLinear" \
+                or b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in constants:
+            continue  # not a quantized activation x constant int8 weight
+        a_q = producers.get(a_dq.input[0])
+        if a_q is None or a_q.op_type != "QuantizeLinear" or constants[a_dq.input[1]].size != 1:
+            continue
+        weight = constants[b_dq.input[0]]
+        if weight.ndim != 2 or weight.dtype not in (np.int8, np.uint8):
+            continue
+        out = node.output[0]
+        bias, last = None, node
+        after = users.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            other = [i for i in after[0].input if i != out]
+            if len(other) == 1 and other[0] in constants and constants[other[0]].shape == (weight.shape[1],):
+                bias, last = other[0], after[0]
+        inputs = [a_dq.input[0], b_dq.input[0], a_dq.input[1], b_dq.input[1],
+                  a_dq.input[2] if len(a_dq.input) > 2 else "",
+                  b_dq.input[2] if len(b_dq.input) > 2 else "", bias or ""]
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        fused = onnx.helper.make_node("MatMulIntegerToFloat", inputs, [last.output[0]],
+                                      name=(node.name or out) + "_integer", domain="com.microsoft")
+        replace[id(last)] = fused
+        if last is not node:
+            drop.add(id(node))
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _remove_dead_nodes(graph)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(replace)
+
+
+def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes (and then initializers) whose outputs nothing reads, until none is left."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        alive = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(alive)
+    used = {name for node in graph.node for name in node.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+__all__ = ["export_float_onnx", "fuse_integer_linears", "export_qdq_onnx", "export_w4_weight_only_onnx", "export_twin",
            "unsupported_for_int8", "fold_constant_quantize", "matmul_nbits_tensors",
            "metadata_for", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ONNX_FORMAT"]

@@ -20,6 +20,7 @@ is the explicit step that moves it from the first to the second (see
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from bvvit.config import TensorQuantSpec
 from bvvit.quant.observers import Observer, make_observer
-from bvvit.quant.primitives import (Granularity, PerChannel, PerGroup, PerTensor, QParams)
+from bvvit.quant.primitives import (Granularity, PerChannel, PerGroup, PerTensor, QParams, bf16_ceil)
 
 OBSERVE, QUANTIZE, OFF = "observe", "quantize", "off"
 
@@ -111,6 +112,7 @@ def quantize_weight(weight: Tensor, spec: TensorQuantSpec) -> tuple[Tensor, QPar
     observer = observer_for(spec, "weight")
     observer.update(matrix)
     qparams = observer.compute_qparams(spec.bits)
+    qparams = dataclasses.replace(qparams, scale=bf16_ceil(qparams.scale))  # 2-byte scales in files
     codes = qparams.quantize(matrix)
     return codes.reshape(weight.shape), qparams
 

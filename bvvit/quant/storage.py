@@ -7,7 +7,9 @@ tensor                             contents
 =================================  ==========================================================
 ``<layer>.weight.packed``          uint8, the integer codes bit-packed at their width
                                    (4-bit: two per byte, 6-bit: four per three bytes, ...)
-``<layer>.weight.scale``           float32 per-channel (or per-group / per-tensor) scales
+``<layer>.weight.scale``           per-channel (or per-group / per-tensor) scales: bfloat16
+                                   (weight scales are bfloat16 values, see
+                                   ``primitives.bf16_ceil``), float32 for older models
 ``<layer>.weight.zero_point``      int32, only for asymmetric weights
 every other model tensor           float32 (or float16 with ``float_dtype="fp16"``):
                                    biases, LayerNorms, class token, positional embedding
@@ -61,6 +63,14 @@ def _float_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in quantized and v.is_floating_point()}
 
 
+def _compact_scale(scale: torch.Tensor) -> torch.Tensor:
+    """bfloat16 when that holds ``scale`` exactly (weight scales are rounded to bfloat16
+    values when quantized, see primitives.bf16_ceil), else float32."""
+    scale = scale.detach().to(torch.float32).contiguous()
+    half = scale.to(torch.bfloat16)
+    return half if torch.equal(half.to(torch.float32), scale) else scale
+
+
 def quantized_tensors(qmodel: nn.Module, float_dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors to store and the per-weight metadata."""
     tensors: dict[str, torch.Tensor] = {}
@@ -69,7 +79,7 @@ def quantized_tensors(qmodel: nn.Module, float_dtype: str = "fp32") -> tuple[dic
         qp: QParams = module.weight_qparams
         codes = module.weight_codes.to(torch.int32).flatten()
         tensors[f"{name}.weight.packed"] = pack_bits(to_unsigned(codes, qp.qmin), qp.bits)
-        tensors[f"{name}.weight.scale"] = qp.scale.detach().to(torch.float32).contiguous()
+        tensors[f"{name}.weight.scale"] = _compact_scale(qp.scale)
         if not qp.symmetric:
             tensors[f"{name}.weight.zero_point"] = qp.zero_point.detach().to(torch.int32).contiguous()
         weights_meta[name] = {"shape": list(module.weight_codes.shape), "bits": qp.bits,
@@ -193,7 +203,7 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
             zp_key = f"{name}.weight.zero_point"
             zero_point = tensors[zp_key] if zp_key in tensors else \
                 torch.zeros(info["zero_point_shape"], dtype=torch.int32)
-            module.weight_qparams = QParams(tensors[f"{name}.weight.scale"], zero_point, info["bits"],
+            module.weight_qparams = QParams(tensors[f"{name}.weight.scale"].to(torch.float32), zero_point, info["bits"],
                                             info["symmetric"], granularity_from_dict(info["granularity"]))
             module.weight_codes = codes.to(module.weight_codes.dtype)
             module.refresh_weight()

@@ -87,10 +87,19 @@ def test_qdq_file_holds_our_int8_codes(qmodel, files):
     for name, layer in weight_modules(qmodel):
         codes_t = layer.weight_codes.reshape(layer.weight_codes.shape[0], -1).t().numpy()  # (in, out)
         assert any(c.shape == codes_t.shape and np.array_equal(c, codes_t) for c in int8), name
-    # per-output-channel DequantizeLinear on axis 1 of the (in, out) matmul weight
-    axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
-            if a.name == "axis"]
-    assert axes.count(1) == len(weight_modules(qmodel))
+    # each quantized Linear is one MatMulIntegerToFloat(x_q, W_q, s_x, s_w, zp_x[, zp_w], bias)
+    # with one weight scale per output channel and its bias fused in
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:  # the exporter shares equal initializers through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            initializers[node.output[0]] = initializers[node.input[0]]
+    fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(weight_modules(qmodel))
+    for node in fused:
+        weight, bias = initializers[node.input[1]], initializers[node.input[-1]]
+        assert weight.dtype == np.int8 and bias.shape == (weight.shape[1],)
+        assert initializers[node.input[3]].shape == (weight.shape[1],)
+    assert not any(n.op_type == "Add" and any(i.endswith(".bias") for i in n.input) for n in graph.node)
 
 
 def test_qdq_graph_runs_on_integer_kernels(files, tmp_path):
@@ -113,6 +122,32 @@ def test_int8_onnx_agrees_with_fake_quant(qmodel, files, images):
     logits = torch.from_numpy(run_session(make_session(files["w8a8"], threads=1), images))
     assert sqnr_db(simulated, logits) > 20
     assert (logits.argmax(1) == simulated.argmax(1)).float().mean() >= 0.9
+
+
+def test_fusing_the_linears_changes_no_logit(qmodel, files, images, tmp_path):
+    unfused = export_qdq_onnx(qmodel, tmp_path / "unfused.onnx", PRE, CLASSES, fuse=False)
+    graph = load_onnx(unfused).graph
+    assert not any(n.op_type == "MatMulIntegerToFloat" for n in graph.node)
+    np.testing.assert_allclose(run_session(make_session(files["w8a8"], threads=1), images),
+                               run_session(make_session(unfused, threads=1), images), atol=1e-5, rtol=1e-5)
+
+
+def test_float_attention_keeps_every_linear_on_integers(qmodel, images, tmp_path):
+    path = export_qdq_onnx(qmodel, tmp_path / "fattn.onnx", PRE, CLASSES, attention="float")
+    assert read_onnx_metadata(path)["bvvit.attention"] == "float"
+    optimized = tmp_path / "optimized.onnx"
+    session = make_session(path, threads=1, optimized_model_path=optimized)
+    report = integer_op_report(optimized)
+    # 2 blocks x (qkv, proj, fc1, fc2) + patch embedding + head on integers; only the
+    # attention products (q @ k^T, attn @ v) in float, and none of them fed by a DQ
+    assert report["ok"] and report["num_integer_ops"] == 2 * 4 + 2
+    assert len(report["float_matmuls"]) == 2 * 2 and report["unfused_qdq_matmuls"] == []
+    with torch.no_grad():
+        simulated = qmodel(images)
+    logits = torch.from_numpy(run_session(session, images))
+    assert sqnr_db(simulated, logits) > 20
+    with pytest.raises(ConfigError, match="attention"):
+        export_twin(qmodel, attention="int4")
 
 
 def test_evaluate_onnx_follows_the_loader(files, images, model):
