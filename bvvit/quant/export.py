@@ -325,8 +325,9 @@ def fuse_integer_linears(model: onnx.ModelProto) -> int:
                 or b_dq.op_type != "DequantizeLinear" or b_dq.input[0] not in constants:
             continue  # not a quantized activation x constant int8 weight
         a_q = producers.get(a_dq.input[0])
-        if a_q is None or a_q.op_type != "QuantizeLinear" or constants[a_dq.input[1]].size != 1:
-            continue
+        if a_q is None or a_q.op_type != "QuantizeLinear" or a_dq.input[1] not in constants \
+                or constants[a_dq.input[1]].size != 1 or b_dq.input[1] not in constants:
+            continue  # MatMulIntegerToFloat takes a per-tensor activation scale
         weight = constants[b_dq.input[0]]
         if weight.ndim != 2 or weight.dtype not in (np.int8, np.uint8):
             continue

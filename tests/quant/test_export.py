@@ -124,11 +124,14 @@ def test_int8_onnx_agrees_with_fake_quant(qmodel, files, images):
     assert (logits.argmax(1) == simulated.argmax(1)).float().mean() >= 0.9
 
 
-def test_fusing_the_linears_changes_no_logit(qmodel, files, images, tmp_path):
+@pytest.mark.parametrize("recipe", ["mse", "minmax"])  # per-channel and per-tensor weight scales
+def test_fusing_the_linears_changes_no_logit(model, calib, images, tmp_path, recipe):
+    qmodel = quantize_model(model, make_quant_config(recipe, 8, 8), calib)[0]
+    fused = export_qdq_onnx(qmodel, tmp_path / "fused.onnx", PRE, CLASSES)
     unfused = export_qdq_onnx(qmodel, tmp_path / "unfused.onnx", PRE, CLASSES, fuse=False)
-    graph = load_onnx(unfused).graph
-    assert not any(n.op_type == "MatMulIntegerToFloat" for n in graph.node)
-    np.testing.assert_allclose(run_session(make_session(files["w8a8"], threads=1), images),
+    assert not any(n.op_type == "MatMulIntegerToFloat" for n in load_onnx(unfused).graph.node)
+    assert read_onnx_metadata(fused)["bvvit.fused_linears"] == len(weight_modules(qmodel))
+    np.testing.assert_allclose(run_session(make_session(fused, threads=1), images),
                                run_session(make_session(unfused, threads=1), images), atol=1e-5, rtol=1e-5)
 
 
