@@ -6,15 +6,27 @@ bit depths and measure each against the float original.
            -> evaluate vs FP32 -> packed file (real size)
       -> latency of every variant, interleaved in one run
       -> summary.json / summary.csv (+ the report stage draws from them)
+
+Under ``torchrun --nproc_per_node N post_training.py ...`` every evaluation is sharded:
+rank r evaluates images r, r+N, ... and the logits are gathered exactly (no image
+duplicated or lost), so each rank holds the same full results. Calibration (a few hundred
+images) is replicated: every rank computes the same quantized model. Rank 0 alone writes
+files, prints, measures latency (the others wait) and runs the analysis; a mixed-precision
+allocation is rank 0's, broadcast. Reuse of finished bit depths is single-process only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +49,8 @@ from bvvit.model_file import LoadedModel, load_model_file
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.onnx_runtime import export_and_measure
 from bvvit.quant.mixed_precision import allocate_bits, damage_table
+from bvvit.train.distributed import (DistInfo, ShardSampler, barrier, broadcast_from_main, init_distributed,
+                                    shutdown_distributed)
 from bvvit.quant.recipes import make_quant_config
 from bvvit.report import write_report
 from bvvit.quant.storage import load_quantized_model, save_float_model, save_quantized_model
@@ -96,7 +110,28 @@ def _short(names: list[str]) -> str:
 
 
 def run(job: PTQJob) -> dict[str, Any]:
-    out = Path(job.output_dir)
+    """Run ``job``; under torchrun (WORLD_SIZE > 1) as one rank of a sharded evaluation."""
+    info = init_distributed(torch.device(job.device).type)
+    if not info.enabled:
+        return _run(job, info, Path(job.output_dir))
+    # Ranks > 0 compute alongside rank 0 (the evaluations are collective) but write into a
+    # private folder that is deleted afterwards, and print nothing.
+    scratch = None if info.is_main else Path(tempfile.mkdtemp(prefix=f"bvvit-rank{info.rank}-"))
+    try:
+        if info.is_main:
+            summary = _run(job, info, Path(job.output_dir))
+        else:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                summary = _run(dataclasses.replace(job, progress=False), info, scratch)
+        barrier(info)  # rank 0's files are complete when any rank returns
+        return summary
+    finally:  # on an error torchrun stops the other ranks; no barrier to hang in
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        shutdown_distributed()
+
+
+def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     device = torch.device(job.device)
     loaded = load_model_file(job.model_path, num_heads=job.num_heads)
     if loaded.data.get("kind") == "timm-state-dict":
@@ -120,7 +155,11 @@ def run(job: PTQJob) -> dict[str, Any]:
                         f"expects {loaded.config.in_chans}; pass the --data-path it was trained on")
     pre = loaded.preprocessing
     val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=job.eval_subset)
-    val_loader = build_loader(val_set, job.batch_size, shuffle=False)
+    if info.enabled and len(val_set) < info.world_size:
+        raise DataError(f"{len(val_set)} evaluation images cannot be shared by {info.world_size} "
+                        "processes; run with fewer processes or more images")
+    val_loader = build_loader(val_set, job.batch_size, shuffle=False, sampler=ShardSampler(
+        len(val_set), info, gather=True) if info.enabled else None)
     calib_loader, calib_indices = calibration_loader(source, pre, job.calib_size, job.seed,
                                                      batch_size=min(64, job.batch_size))
     torch.manual_seed(job.seed)
@@ -144,9 +183,9 @@ def run(job: PTQJob) -> dict[str, Any]:
             cfg = make_quant_config(recipe, w_bits, a_bits, calib_size=job.calib_size, seed=job.seed,
                                     overrides=list(job.overrides), **job.switches)
             name = cfg.name if recipe == job.recipe else f"{cfg.name}-{recipe}"
-            variant = _reuse_variant(out, name, cfg, cache_key) or _make_variant(
-                out, name, cfg, cache_key, fp_model, fp_logits, loaded, calib_loader, val_loader, job)
-            variants.append(variant)
+            reused = None if info.enabled else _reuse_variant(out, name, cfg, cache_key)
+            variants.append(reused or _make_variant(out, name, cfg, cache_key, fp_model, fp_logits,
+                                                    loaded, calib_loader, val_loader, job))
 
     def make_config(bits: int, overrides: list) -> QuantConfig:
         return make_quant_config(job.recipe, bits, bits, calib_size=job.calib_size, seed=job.seed,
@@ -155,12 +194,13 @@ def run(job: PTQJob) -> dict[str, Any]:
     mixed = None
     if job.avg_bits is not None or job.max_weight_bytes is not None:
         mixed, variant = _mixed_precision(job, make_config, fp_model, fp_logits, loaded, calib_loader,
-                                          val_loader, out, cache_key)
+                                          val_loader, out, cache_key, info)
         variants.append(variant)
 
-    onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job) if job.onnx else None
+    onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) if job.onnx else None
 
-    latency = _measure_latency(variants, loaded, job)
+    # timed by rank 0 alone while the others wait, so no rank steals its cores
+    latency = _measure_latency(variants, loaded, job) if info.is_main else {}
     summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
     if mixed is not None:
         summary["mixed_precision"] = json_safe(mixed)
@@ -170,7 +210,7 @@ def run(job: PTQJob) -> dict[str, Any]:
     write_summary(out, summary)
     print(format_table(summary["rows"]))
     print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
-    if job.analysis != "none":
+    if job.analysis != "none" and info.is_main:
         start = time.perf_counter()
         qmodels = {v.name: v.model for v in variants if v.config is not None}
         analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, val_loader, fp_logits,
@@ -185,7 +225,7 @@ def run(job: PTQJob) -> dict[str, Any]:
 
 
 def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any, loaded: LoadedModel,
-               out: Path, job: PTQJob) -> Optional[dict[str, Any]]:
+               out: Path, job: PTQJob, info: DistInfo) -> Optional[dict[str, Any]]:
     """Real integer inference: ONNX FP32 and W8A8 (our scales as Q/DQ) in ONNX Runtime,
     evaluated and timed beside PyTorch FP32; 4-bit weight-only when ORT can run it."""
     by_name = {v.name: v for v in variants}
@@ -202,7 +242,8 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
                                     loaded.preprocessing, loaded.class_names, fp_logits, sim_logits,
                                     latency_runs=job.latency_runs,
                                     batch_sizes=job.latency_batches,
-                                    qmodel_w4=w4.model if w4 else None)
+                                    qmodel_w4=w4.model if w4 else None,
+                                    measure_latency=info.is_main)
     except BVViTError as exc:
         print(f"ONNX int8: skipped ({exc})")
         return None
@@ -239,29 +280,31 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
 
 def _mixed_precision(job: PTQJob, make_config: Any, fp_model: nn.Module, fp_logits: torch.Tensor,
                      loaded: LoadedModel, calib_loader: Any, val_loader: Any, out: Path,
-                     cache_key: dict[str, Any]) -> tuple[dict[str, Any], Variant]:
-    """Per-layer widths from sensitivity under the budget, then that model as a variant."""
+                     cache_key: dict[str, Any], info: DistInfo) -> tuple[dict[str, Any], Variant]:
+    """Per-layer widths from sensitivity under the budget, then that model as a variant
+    (under torchrun: rank 0's allocation, from its shard's images, on every rank)."""
     start = time.perf_counter()
     candidates = tuple(sorted(set(job.mp_candidates)))
     rows = sensitivity(fp_model, make_config, calib_loader, val_loader, bits=candidates[:-1],
                        reference_logits=fp_logits, progress=job.progress)
     params = {name: module.weight.numel() for name, module in fp_model.named_modules()
               if isinstance(module, (nn.Linear, nn.Conv2d))}
-    allocation = allocate_bits(damage_table(rows), params, list(candidates), job.avg_bits,
-                               job.max_weight_bytes)
+    allocation = broadcast_from_main(allocate_bits(damage_table(rows), params, list(candidates),
+                                                   job.avg_bits, job.max_weight_bytes), info)
     base = allocation.base_bits
     overrides = list(job.overrides) + [LayerOverride.parse(o) for o in allocation.overrides()]
     cfg = make_quant_config(job.recipe, base, base, calib_size=job.calib_size, seed=job.seed,
                             overrides=overrides, **job.switches)
     budget = f"avg{job.avg_bits:g}" if job.avg_bits is not None else f"{job.max_weight_bytes}B"
     name = f"mixed-{budget}"
-    variant = _reuse_variant(out, name, cfg, cache_key) or _make_variant(
-        out, name, cfg, cache_key, fp_model, fp_logits, loaded, calib_loader, val_loader, job)
-    info = {**allocation.to_dict(), "candidates": list(candidates), "variant": name,
-            "search_time_s": time.perf_counter() - start}
+    reused = None if info.enabled else _reuse_variant(out, name, cfg, cache_key)
+    variant = reused or _make_variant(out, name, cfg, cache_key, fp_model, fp_logits, loaded,
+                                      calib_loader, val_loader, job)
+    result = {**allocation.to_dict(), "candidates": list(candidates), "variant": name,
+              "search_time_s": time.perf_counter() - start}
     print(f"{name}: mean weight width {allocation.avg_bits:.2f} bits; layers above {base} bits: "
           f"{', '.join(allocation.overrides()) or 'none'}")
-    return info, variant
+    return result, variant
 
 
 def _make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, Any],

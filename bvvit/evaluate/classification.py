@@ -43,6 +43,10 @@ def collect_logits(
     another run's (``reference_logits``), the loader must not shuffle.
 
     Returns ``(logits, labels)``: float32 CPU ``(N, C)`` and int64 CPU ``(N,)``.
+
+    Under torchrun, a loader whose sampler is a ``ShardSampler(..., gather=True)`` is this
+    rank's shard: the shards are gathered so that every rank returns all N rows in dataset
+    order (a collective call: every rank must make it). ``max_batches`` passes stay local.
     """
     is_module = isinstance(model_or_fn, torch.nn.Module)
     was_training = is_module and model_or_fn.training
@@ -77,7 +81,14 @@ def collect_logits(
 
     if not logits_chunks:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits_chunks), torch.cat(label_chunks)
+    logits, labels = torch.cat(logits_chunks), torch.cat(label_chunks)
+    sampler = getattr(loader, "sampler", None)
+    if getattr(sampler, "gather", False) and max_batches is None:
+        # torchrun evaluation: this rank saw its shard; every rank gets all rows, in order
+        from bvvit.train.distributed import gather_shards
+        logits = gather_shards(logits, sampler.info, sampler.num_samples)
+        labels = gather_shards(labels, sampler.info, sampler.num_samples)
+    return logits, labels
 
 
 def classification_metrics(

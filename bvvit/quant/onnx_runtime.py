@@ -236,7 +236,8 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
                        batch_sizes: Sequence[int] = (1, 64),
                        qmodel_w4: Optional[torch.nn.Module] = None, warmup: int = 5,
                        threads: Optional[int] = None,
-                       max_batches: Optional[int] = None) -> dict[str, Any]:
+                       max_batches: Optional[int] = None,
+                       measure_latency: bool = True) -> dict[str, Any]:
     """Export FP32 / W8A8 (/ W4) ONNX into ``OUT/onnx/``, evaluate and time them.
 
     ``fp_logits`` / ``sim_w8a8_logits``: the PyTorch FP32 and simulated (fake-quant) W8A8
@@ -255,7 +256,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
       ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops`` (bool)
     - ``integer_ops``: :func:`integer_op_report` of the W8A8 graph as ORT optimized it
     - ``w4``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``
-    - ``latency``: list of rows ``{"name", "batch_size", "median_ms", "p90_ms", "runs",
+    - ``latency`` (empty with ``measure_latency=False``): list of rows ``{"name", "batch_size", "median_ms", "p90_ms", "runs",
       "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32"}``; names are
       ``pytorch_fp32``, ``ort_fp32``, ``ort_w8a8`` (, ``ort_w4``)
     - ``threads``: ``{"torch", "onnxruntime"}``; ``system``: :func:`system_info`;
@@ -314,7 +315,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
 
     sizes = {name: path.stat().st_size for name, path in files.items()}
     latency = _interleaved_latency(fp_model, sessions, val_loader, batch_sizes, warmup,
-                                   latency_runs)
+                                   latency_runs) if measure_latency else []
     return {
         "files": {name: str(path) for name, path in files.items()},
         "size_bytes": sizes,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -115,9 +115,15 @@ class ShardedEpochSampler(Sampler[int]):
 
 
 class ShardSampler(Sampler[int]):
-    """Evaluation: rank r takes indices r, r+W, ... — every image exactly once, no padding."""
+    """Evaluation: rank r takes indices r, r+W, ... — every image exactly once, no padding.
 
-    def __init__(self, num_samples: int, info: DistInfo):
+    ``gather=True`` asks :func:`bvvit.evaluate.classification.collect_logits` to gather
+    every rank's logits back into the full, ordered set (see :func:`gather_shards`);
+    training's validation leaves it False and all-reduces its sums instead.
+    """
+
+    def __init__(self, num_samples: int, info: DistInfo, gather: bool = False):
+        self.num_samples, self.info, self.gather = num_samples, info, gather
         self.indices = list(range(info.rank, num_samples, info.world_size))
 
     def __len__(self) -> int:
@@ -127,6 +133,46 @@ class ShardSampler(Sampler[int]):
         return iter(self.indices)
 
 
+def gather_shards(shard: torch.Tensor, info: DistInfo, num_samples: int) -> torch.Tensor:
+    """The inverse of :class:`ShardSampler`: from each rank's rows (rank r holds dataset rows
+    r, r+W, r+2W, ...) rebuild all ``num_samples`` rows in dataset order, on every rank.
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
+    Shards differ in length by at most one; they are padded to the same length for
+    ``all_gather`` and the padding (rows past ``num_samples``) is dropped: nothing is
+    duplicated, nothing lost. Returns a CPU tensor.
+    """
+    if not info.enabled:
+        return shard
+    world = info.world_size
+    per_rank = -(-num_samples // world)
+    expected = len(range(info.rank, num_samples, world))
+    if shard.shape[0] != expected:
+        raise ValueError(f"rank {info.rank} holds {shard.shape[0]} rows, its shard of "
+                         f"{num_samples} has {expected}")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    padded = torch.zeros((per_rank, *shard.shape[1:]), dtype=shard.dtype, device=device)
+    padded[:expected] = shard.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return interleave_shards(parts, num_samples).cpu()
+
+
+def interleave_shards(parts: list[torch.Tensor], num_samples: int) -> torch.Tensor:
+    """Equal-length shards (rank r's row j = dataset row j * W + r, padded at the end)
+    back to the first ``num_samples`` dataset rows in order."""
+    stacked = torch.stack(parts, dim=1)  # (per_rank, W, ...): row-major order is dataset order
+    return stacked.reshape(-1, *parts[0].shape[1:])[:num_samples]
+
+
+def broadcast_from_main(value: Any, info: DistInfo) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable Python object made by this program)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+__all__ = ["DistInfo", "gather_shards", "interleave_shards", "broadcast_from_main", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
            "ShardedEpochSampler", "ShardSampler", "per_rank_batch"]

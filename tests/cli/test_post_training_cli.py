@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,33 @@ def test_decoupled_bits_and_default_output_dir(trained):
     assert [r["name"] for r in rows] == ["fp32", "w4a8"]
 
 
+
+
+def test_two_process_evaluation_matches_one_process(trained, tmp_path):
+    """torchrun: each rank evaluates a shard (29 images: uneven shards, padding dropped),
+    the gathered results equal a single process's; rank 0 alone writes and prints."""
+    data, out = trained
+    args = ["--model-path", str(out / "vit_model.pth"), "--no-progress", "--calib-size", "16",
+            "--latency-runs", "2", "--bits", "8", "--baseline", "none", "--eval-subset", "29",
+            "--analysis", "none", "--avg-bits", "6", "--mp-candidates", "4", "8"]
+    one = run_cli("post_training.py", *args, "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = run_torchrun("post_training.py", 2, *args, "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("fp32: top-1") == 1  # printed by rank 0 only
+    rows = {}
+    for name in ("one", "two"):
+        rows[name] = {r["name"]: r for r in csv.DictReader(open(tmp_path / name / "summary.csv"))}
+    assert rows["one"].keys() == rows["two"].keys() and "mixed-avg6" in rows["two"]
+    for name, row in rows["one"].items():
+        for column in ("top1", "top1_drop", "agreement", "size_bytes"):
+            assert row[column] == rows["two"][name][column], (name, column)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["variants"]["fp32"]["metrics"]["num_images"] == 29
+    assert summary["mixed_precision"]["overrides"] == \
+        json.loads((tmp_path / "one" / "summary.json").read_text())["mixed_precision"]["overrides"]
+    assert sorted(p.name for p in (tmp_path / "two" / "models").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "models").iterdir())
 
 
 def test_error_bits_out_of_range(trained, tmp_path):

@@ -5,7 +5,6 @@ import csv
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import ROOT, TINY_MODEL_ARGS, make_image_folder, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -80,22 +79,12 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(folder, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process(folder, tmp_path):
     common = ["--data-path", str(folder), "--epochs", "2", "--batch-size", "8", *TINY_MODEL_ARGS,
               "--no-progress", "--augment", "none", "--seed", "1"]
     single = run_cli("run.py", "--output-dir", str(tmp_path / "one"), *common)
     assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), str(ROOT / "run.py"),
-                          "--output-dir", str(tmp_path / "two"), *common],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    ddp = run_torchrun("run.py", 2, "--output-dir", str(tmp_path / "two"), *common)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert ddp.stdout.count("epoch 1/2:") == 1  # rank 0 logs once
     one = list(csv.DictReader(open(tmp_path / "one" / "metrics.csv")))
