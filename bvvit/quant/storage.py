@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +42,7 @@ from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bi
 from bvvit.quant.primitives import QParams, granularity_from_dict, granularity_to_dict
 
 FORMAT = "bvvit-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer metadata factored (common + each); 1 still loads
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -82,11 +83,10 @@ def quantized_tensors(qmodel: nn.Module, float_dtype: str = "fp32") -> tuple[dic
         tensors[f"{name}.weight.scale"] = _compact_scale(qp.scale)
         if not qp.symmetric:
             tensors[f"{name}.weight.zero_point"] = qp.zero_point.detach().to(torch.int32).contiguous()
+        # the scale's shape is the stored tensor's; a symmetric zero point has the same shape
         weights_meta[name] = {"shape": list(module.weight_codes.shape), "bits": qp.bits,
                               "symmetric": qp.symmetric, "qmin": qp.qmin,
-                              "granularity": granularity_to_dict(qp.granularity),
-                              "scale_shape": list(qp.scale.shape),
-                              "zero_point_shape": list(qp.zero_point.shape)}
+                              "granularity": granularity_to_dict(qp.granularity)}
     dtype = FLOAT_DTYPES[float_dtype]
     for name, tensor in _float_tensors(qmodel).items():
         tensors[name] = tensor.detach().to(dtype).contiguous()
@@ -106,18 +106,48 @@ def save_quantized_model(path: str | os.PathLike, qmodel: nn.Module, cfg: QuantC
         raise ValueError(f"float_dtype must be one of {list(FLOAT_DTYPES)}")
     _round_float_parts(qmodel, FLOAT_DTYPES[float_dtype])
     tensors, weights_meta = quantized_tensors(qmodel, float_dtype)
-    activations = {name: q.qparams.to_dict() for name, q in act_quantizers(qmodel) if q.qparams is not None}
+    activations = {name: _short_floats(q.qparams.to_dict()) for name, q in act_quantizers(qmodel)
+                   if q.qparams is not None}
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_config": loaded.config.to_dict(), "class_names": list(loaded.class_names),
         "preprocessing": loaded.preprocessing.to_dict(), "quant_config": cfg.to_dict(),
-        "weights": weights_meta, "activations": activations, "float_dtype": float_dtype,
+        "weights": _factor(weights_meta), "activations": _factor(activations),
+        "float_dtype": float_dtype,
     }
     metadata = {"bvvit": json.dumps(meta, separators=(",", ":"))}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return file_breakdown(path, tensors, metadata, qmodel)
+
+
+def _factor(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per-layer dicts as ``{"common": what every entry shares, "each": {name: the rest}}``:
+    the metadata then states the bit width, range and granularity once, not per layer."""
+    items = list(entries.values())
+    common = {k: v for k, v in (items[0] if items else {}).items()
+              if all(k in e and e[k] == v for e in items[1:])}
+    return {"common": common, "each": {name: {k: v for k, v in e.items() if k not in common}
+                                       for name, e in entries.items()}}
+
+
+def _unfactor(block: dict[str, Any], version: int) -> dict[str, dict[str, Any]]:
+    if version < 2:  # format 1: one full dict per layer
+        return block
+    return {name: {**block["common"], **rest} for name, rest in block["each"].items()}
+
+
+def _short_floats(value: Any) -> Any:
+    """Floats (float32 values) written with the fewest digits that read back to the same
+    float32: '0.01110926', not '0.01110925991088152'."""
+    if isinstance(value, float):
+        return float(str(np.float32(value)))
+    if isinstance(value, list):
+        return [_short_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _short_floats(v) for k, v in value.items()}
+    return value
 
 
 def file_breakdown(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
@@ -174,6 +204,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has corrupt BV-ViT metadata") from None
     if meta.get("format") != FORMAT or meta.get("format_version", 99) > FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a BV-ViT quantized model of a supported version")
+    try:  # callers see one full dict per layer whatever the format version
+        version = int(meta["format_version"])
+        meta["weights"] = _unfactor(meta["weights"], version)
+        meta["activations"] = _unfactor(meta["activations"], version)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path} has incomplete BV-ViT metadata") from None
     return meta
 
 
@@ -197,13 +233,14 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
         qmodel, _ = convert(VisionTransformer(model_cfg), cfg)
         for name, module in weight_modules(qmodel):
             info = meta["weights"][name]
+            scale = tensors[f"{name}.weight.scale"].to(torch.float32)
             numel = int(torch.tensor(info["shape"]).prod())
             codes = from_unsigned(unpack_bits(tensors[f"{name}.weight.packed"], info["bits"], numel),
                                   info["qmin"]).reshape(info["shape"])
             zp_key = f"{name}.weight.zero_point"
             zero_point = tensors[zp_key] if zp_key in tensors else \
-                torch.zeros(info["zero_point_shape"], dtype=torch.int32)
-            module.weight_qparams = QParams(tensors[f"{name}.weight.scale"].to(torch.float32), zero_point, info["bits"],
+                torch.zeros(info.get("zero_point_shape", scale.shape), dtype=torch.int32)
+            module.weight_qparams = QParams(scale, zero_point, info["bits"],
                                             info["symmetric"], granularity_from_dict(info["granularity"]))
             module.weight_codes = codes.to(module.weight_codes.dtype)
             module.refresh_weight()

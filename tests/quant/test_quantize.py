@@ -2,6 +2,7 @@
 coverage is reported, and packed files reload bit for bit."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -143,6 +144,28 @@ def test_file_has_no_pickle_and_metadata(model, calib, tmp_path):
     assert b"\x80\x04" not in raw[:2] and b"torch" not in raw[:8]
     meta = read_metadata(tmp_path / "q.safetensors")
     assert meta["class_names"][0] == "c0" and "blocks.0.attn.qkv.input_quantizer" in meta["activations"]
+
+
+def test_compact_metadata_and_format_1_files_still_load(model, calib, images, tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = make_quant_config("mse", 8, 8)
+    qmodel, report = quantize_model(model, cfg, calib)
+    path = tmp_path / "q.safetensors"
+    save_quantized_model(path, qmodel, cfg, _loaded(model), report)
+    tensors = load_file(str(path))
+    # weight scales are bfloat16 values, stored in 2 bytes
+    assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if k.endswith(".weight.scale"))
+    meta = read_metadata(path)  # expanded to one dict per layer
+    assert meta["weights"]["head"]["bits"] == 8 and meta["activations"]["head.input_quantizer"]["bits"] == 8
+    # the same model as a format-1 file (full per-layer dicts, float32 scales) loads the same
+    old = {**meta, "format_version": 1}
+    for name, info in old["weights"].items():
+        info["zero_point_shape"] = list(tensors[f"{name}.weight.scale"].shape)
+    tensors = {k: t.float() if k.endswith(".weight.scale") else t for k, t in tensors.items()}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"bvvit": json.dumps(old)})
+    reloaded, _ = load_quantized_model(tmp_path / "v1.safetensors")
+    with torch.no_grad():
+        assert torch.equal(qmodel(images), reloaded(images))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
