@@ -4,9 +4,10 @@
     python benchmarks/ptq_ablation.py --model-path output/demo/vit_model.pth
 
 For W4A4, W4A8, W6A6 and W8A8: naive minmax, the mse recipe, then mse plus each technique
-alone (log2 softmax, LayerNorm reparameterization, GPTQ), the vit recipe (reparam + GPTQ)
-and the vit recipe with the log2 softmax.
-Prints top-1, drop vs FP32 and calibration time; --json writes the table.
+alone (log2 softmax, LayerNorm reparameterization, GPTQ), the vit recipe (reparam + GPTQ),
+the vit recipe with the log2 softmax and vit + block-wise reconstruction (vit-recon).
+Prints top-1, drop vs FP32, calibration time (all of quantize_model) and the part of it
+spent in reconstruction; --json writes the table. --variants picks rows by name.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def variants(w: int, a: int):
     yield "mse+gptq", dataclasses.replace(mse, gptq=True)
     yield "vit (reparam+gptq)", make_quant_config("vit", w, a)
     yield "vit + log2", make_quant_config("vit", w, a, softmax_method="log2")
+    yield "vit-recon", make_quant_config("vit-recon", w, a)
+
+
+VARIANTS = [name for name, _ in variants(8, 8)]
 
 
 def main() -> None:
@@ -51,8 +56,14 @@ def main() -> None:
     p.add_argument("--eval-subset", type=int, default=None)
     p.add_argument("--pairs", default=",".join(f"{w}/{a}" for w, a in PAIRS),
                    help="W/A pairs, e.g. 4/4,4/8,6/6,8/8,3/3")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated rows to run (default all): {', '.join(VARIANTS)}")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    wanted = VARIANTS if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
     loaded = load_model_file(args.model_path)
     source = resolve_data(args.data_path or loaded.data.get("data_path") or "fashion-mnist")
     pre = loaded.preprocessing
@@ -62,20 +73,23 @@ def main() -> None:
     fp, fp_logits = evaluate_classifier(loaded.model, val)
     print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} images; calibration {args.calib_size} "
           f"training images; threads {torch.get_num_threads()}")
-    print(f"{'W/A':<6}{'variant':<20}{'top-1':>8}{'drop':>8}{'agree':>8}{'calib s':>9}")
+    print(f"{'W/A':<6}{'variant':<20}{'top-1':>8}{'drop':>8}{'agree':>8}{'calib s':>9}{'recon s':>9}")
     rows = []
     for pair in args.pairs.split(","):
         w, a = (int(v) for v in pair.split("/"))
         for name, cfg in variants(w, a):
+            if name not in wanted:
+                continue
             start = time.perf_counter()
             qmodel, report = quantize_model(loaded.model, cfg, calib)
             metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
             row = {"w_bits": w, "a_bits": a, "variant": name, "top1": metrics["top1"],
                    "drop": metrics["top1_drop"], "agreement": metrics["agreement"],
-                   "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start}
+                   "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start,
+                   "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
             rows.append(row)
             print(f"W{w}A{a:<4}{name:<20}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
-                  f"{row['calibration_s']:>9.1f}", flush=True)
+                  f"{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"fp32_top1": fp["top1"], "rows": rows}, indent=2))
 

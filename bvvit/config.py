@@ -274,6 +274,10 @@ class QuantConfig:
     gptq: bool = False  # GPTQ error-compensating rounding of Linear weights
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    # block-wise reconstruction after calibration (QDrop/BRECQ + AdaRound; reconstruct.py)
+    reconstruct: bool = False
+    reconstruct_iters: int = 300  # Adam steps per unit (patch embedding, each block, head)
+    reconstruct_drop_prob: float = 0.0  # QDrop: chance of keeping an activation float (0: BRECQ)
     calib_size: int = 256
     seed: int = 0
 
@@ -282,6 +286,15 @@ class QuantConfig:
             raise ConfigError(f"reparam_alpha must be in [0, 1], got {self.reparam_alpha}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if not isinstance(self.reconstruct, bool):
+            raise ConfigError(f"reconstruct must be true or false, got {self.reconstruct!r}")
+        if isinstance(self.reconstruct_iters, bool) or not isinstance(self.reconstruct_iters, int) \
+                or self.reconstruct_iters <= 0:
+            raise ConfigError(f"reconstruct_iters must be a positive integer, got {self.reconstruct_iters!r}")
+        if isinstance(self.reconstruct_drop_prob, bool) \
+                or not isinstance(self.reconstruct_drop_prob, (int, float)) \
+                or not 0.0 <= self.reconstruct_drop_prob < 1.0:
+            raise ConfigError(f"reconstruct_drop_prob must be in [0, 1), got {self.reconstruct_drop_prob!r}")
         for name in ("w_bits", "a_bits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 2 <= value <= 16:

@@ -82,6 +82,9 @@ def build_parser() -> OneLineParser:
     g.add_argument("--softmax-log2", action="store_true",
                    help="quantize attention probabilities on a log2 grid (PTQ4ViT/RepQ-ViT) "
                         "instead of a uniform one")
+    g.add_argument("--reconstruct", action="store_true",
+                   help="after calibration, reconstruct block by block (learned weight rounding "
+                        "and activation step sizes, QDrop/BRECQ); adds minutes on a CPU")
     g.add_argument("--no-patch-embed", action="store_true", help="keep the patch embedding float")
     g.add_argument("--no-head", action="store_true", help="keep the classifier head float")
     return p
@@ -113,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "patch_embed": not args.no_patch_embed, "head": not args.no_head}
     if args.softmax_log2:
         switches["softmax_method"] = "log2"
+    if args.reconstruct:
+        switches["reconstruct"] = True
     job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
                  bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
                  calib_size=args.calib_size, batch_size=args.batch_size,

@@ -5,6 +5,8 @@
    per-layer overrides (weights are quantized here, from the weights alone);
 3. calibrate: run the calibration images through the model with every activation
    quantizer observing, then freeze the qparams (:func:`calibrate`);
+3b. optionally reconstruct block by block (``cfg.reconstruct``, :mod:`bvvit.quant.reconstruct`):
+   learned rounding of the weight codes and learned activation step sizes;
 4. return the quantized model and a :class:`QuantReport` (coverage, warnings, timing).
 """
 
@@ -26,6 +28,7 @@ from bvvit.config import LayerOverride, QuantConfig, TensorQuantSpec
 from bvvit.errors import ConfigError
 from bvvit.model import Add, MatMul, Softmax, VisionTransformer
 from bvvit.quant.gptq import gptq_codes, input_hessians
+from bvvit.quant.reconstruct import ReconstructOptions, reconstruct_model
 from bvvit.quant.reparam import reparameterize_layernorms
 from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, QuantLinear,
                                  QuantMatMul, QuantSoftmax, act_quantizers)
@@ -193,8 +196,8 @@ def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Opti
     exact in float, so it computes the same function); GPTQ codes replace rounding when
     the config asks. ``model`` is never modified.
     """
-    if (cfg.reparam_layernorm or cfg.gptq) and calibration_loader is None:
-        raise ConfigError("LayerNorm reparameterization and GPTQ need calibration data")
+    if (cfg.reparam_layernorm or cfg.gptq or cfg.reconstruct) and calibration_loader is None:
+        raise ConfigError("LayerNorm reparameterization, GPTQ and reconstruction need calibration data")
     work = model
     extras: dict[str, Any] = {}
     if cfg.reparam_layernorm:
@@ -224,6 +227,10 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
         report.calibration_images, _ = calibrate(qmodel, calibration_loader, device, progress)
+    if cfg.reconstruct:
+        options = ReconstructOptions(iters=cfg.reconstruct_iters, drop_prob=cfg.reconstruct_drop_prob,
+                                     seed=cfg.seed)
+        report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, options, device)
     report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)
     report.coverage, report.layers = coverage_table(qmodel)

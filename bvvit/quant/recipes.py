@@ -8,6 +8,8 @@ percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization
                                                    (log2 softmax: softmax_method="log2")
+vit-recon   vit + block-wise reconstruction:       vit + learned step sizes (LSQ), same
+            learned rounding (AdaRound/QDrop)      block-wise reconstruction
 ==========  =====================================  ======================================
 
 ``minmax`` is the naive baseline users compare against; ``vit`` is the default (it beat
@@ -53,11 +55,19 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     return {**_mse(w_bits, a_bits), "reparam_layernorm": True, "gptq": True}
 
 
+def _vit_recon(w_bits: int, a_bits: int) -> dict[str, Any]:
+    """``vit`` followed by block-wise reconstruction (bvvit/quant/reconstruct.py): the GPTQ
+    codes are refined by learned rounding and the activation step sizes are learned, block
+    by block, against the float model's outputs on the calibration images."""
+    return {**_vit(w_bits, a_bits), "reconstruct": True}
+
+
 RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "minmax": _minmax,
     "percentile": _percentile,
     "mse": _mse,
     "vit": _vit,
+    "vit-recon": _vit_recon,
 }
 DEFAULT_RECIPE = "vit"
 
