@@ -9,8 +9,8 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= output/demo
 
 # The demo preset (chosen by measurement; see docs/BENCHMARKS.md).
-DEMO_TRAIN_ARGS ?= --epochs 12 --batch-size 128 --img-size 28 --patch-size 7 --embed-dim 192 \
-	--depth 6 --num-heads 3 --num-classes 10 --lr 1.5e-3 --amp --augment flip
+DEMO_TRAIN_ARGS ?= --epochs 10 --batch-size 128 --img-size 28 --patch-size 7 --embed-dim 128 \
+	--depth 6 --num-heads 4 --num-classes 10 --lr 5e-4 --warmup-epochs 1 --augment flip
 
 .PHONY: demo test venv data clean
 

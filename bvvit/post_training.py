@@ -69,7 +69,7 @@ class PTQJob:
     bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(b, b) for b in DEFAULT_BITS])
     recipe: str = "vit"
     baseline: Optional[str] = "minmax"  # also run this recipe at each bit depth (None: skip)
-    calib_size: int = 256
+    calib_size: int = 1024
     batch_size: int = 256
     device: str = "cpu"
     seed: int = 0
@@ -79,7 +79,7 @@ class PTQJob:
     latency_batches: tuple[int, ...] = (1, 64)
     overrides: list[LayerOverride] = field(default_factory=list)
     switches: dict[str, bool] = field(default_factory=dict)
-    float_dtype: str = "fp32"  # dtype of the float parts inside packed files
+    float_dtype: str = "fp16"  # dtype of the float parts inside packed files (evaluated as stored)
     analysis: str = "basic"  # none | basic | full (adds per-layer sensitivity)
     num_heads: Optional[int] = None  # for bare timm state dicts (not in the tensor shapes)
     avg_bits: Optional[float] = None  # mixed precision budget: mean weight bits

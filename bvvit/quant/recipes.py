@@ -7,9 +7,10 @@ minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-m
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization
-                                                   (log2 softmax: softmax_method="log2")
-vit-recon   vit + block-wise reconstruction:       vit + learned step sizes (LSQ), same
-            learned rounding (AdaRound/QDrop)      block-wise reconstruction
+            (+ reconstruction at <= 4 bits)        (log2 softmax: softmax_method="log2")
+vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
+            every width: learned rounding          block-wise reconstruction
+            (AdaRound/BRECQ)
 ==========  =====================================  ======================================
 
 ``minmax`` is the naive baseline users compare against; ``vit`` is the default (it beat
@@ -48,11 +49,18 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
     }
 
 
+LOW_BITS = 4  # vit reconstructs block by block when weights or activations have <= this many bits
+
+
 def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
-    """ViT-aware: LayerNorm reparameterization and GPTQ weights on top of mse. The log2
-    softmax quantizer is a switch (``softmax_method="log2"``), not part of the default: on
-    the demo model (17 tokens, peaked attention) it cost 0.7 points at W4A4 (BENCHMARKS.md)."""
-    return {**_mse(w_bits, a_bits), "reparam_layernorm": True, "gptq": True}
+    """ViT-aware: LayerNorm reparameterization and GPTQ weights on top of mse, and block-wise
+    reconstruction when weights or activations have <= 4 bits (there it halves the W4A4 loss
+    and cuts W3A3's by 2/3 for ~40 s more calibration; at 6+ bits it bought nothing:
+    BENCHMARKS.md section 4). The log2 softmax quantizer is a switch
+    (``softmax_method="log2"``), not part of the default: it lowered W4A4 accuracy on both
+    demo models (17 tokens: attention probabilities are large, where a log grid is coarse)."""
+    return {**_mse(w_bits, a_bits), "reparam_layernorm": True, "gptq": True,
+            "reconstruct": min(w_bits, a_bits) <= LOW_BITS}
 
 
 def _vit_recon(w_bits: int, a_bits: int) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def test_deterministic_with_a_fixed_seed(model, calib):
 
 def test_recipe_runs_end_to_end_and_beats_vit_on_its_calibration_data(model, calib):
     images = torch.cat([x for x, _ in calib])
-    vit, _ = quantize_model(model, make_quant_config("vit", 3, 3), calib)
+    vit, _ = quantize_model(model, make_quant_config("vit", 3, 3, reconstruct=False), calib)
     cfg = make_quant_config("vit-recon", 3, 3, reconstruct_iters=ITERS)
     recon, report = quantize_model(model, cfg, calib)
     stats = report.extras["reconstruct"]
@@ -124,8 +124,11 @@ def test_recipe_runs_end_to_end_and_beats_vit_on_its_calibration_data(model, cal
         ref = model(images)
         assert sqnr(ref, recon(images)) > sqnr(ref, vit(images))
     # the switch on any recipe is the same as the recipe
-    assert make_quant_config("vit", 3, 3, reconstruct=True).to_dict() == \
-        {**make_quant_config("vit-recon", 3, 3).to_dict(), "recipe": "vit"}
+    assert make_quant_config("vit", 6, 6, reconstruct=True).to_dict() == \
+        {**make_quant_config("vit-recon", 6, 6).to_dict(), "recipe": "vit"}
+    # vit itself reconstructs when weights or activations have <= 4 bits, and only then
+    assert make_quant_config("vit", 4, 8).reconstruct and make_quant_config("vit", 8, 3).reconstruct
+    assert not make_quant_config("vit", 6, 6).reconstruct
 
 
 def test_log2_softmax_and_no_grad_callers_are_fine(model, calib):
