@@ -45,12 +45,10 @@ uses the unsigned range ``[0, 2^b-1]``, a range widened to contain 0 and an inte
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bvvit.metrics import kl_divergence, sqnr_db

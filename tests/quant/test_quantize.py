@@ -1,7 +1,6 @@
 """quantize_model: the float model is untouched, calibration is explicit and deterministic,
 coverage is reported, and packed files reload bit for bit."""
 
-import dataclasses
 import json
 
 import pytest
