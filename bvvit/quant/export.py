@@ -265,10 +265,6 @@ def fold_constant_quantize(model: onnx.ModelProto) -> int:
     graph = model.graph
     constants = _constants(graph)
     keep, folded = [], 0
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or not all(i in constants for i in node.input if i):
             keep.append(node)
@@ -283,13 +279,10 @@ def fold_constant_quantize(model: onnx.ModelProto) -> int:
         codes = np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.float32)
         codes = np.clip(codes, info.min, info.max).astype(zero_point.dtype)
         graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
-        users[node.input[0]] -= 1
         folded += 1
     del graph.node[:]
     graph.node.extend(keep)
-    unused = {name for name, count in users.items() if count == 0}
-    for init in [i for i in graph.initializer if i.name in unused]:
-        graph.initializer.remove(init)
+    _remove_dead_nodes(graph)  # the float weights (and Identity aliases of them) nothing reads now
     return folded
 
 

@@ -13,10 +13,9 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import ModelConfig, Preprocessing, TensorQuantSpec
+from bvvit.config import Preprocessing, TensorQuantSpec
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.evaluate.classification import sqnr_db
-from bvvit.model import VisionTransformer
 from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
                                 export_w4_weight_only_onnx, matmul_nbits_tensors)
 from bvvit.quant.modules import OFF, ActQuantizer, QuantLinear, weight_modules
@@ -25,24 +24,15 @@ from bvvit.quant.onnx_runtime import (INTEGER_OPS, evaluate_onnx, export_and_mea
                                       read_onnx_metadata, run_session)
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
+from tests.quant.tiny import noise_loader
 
-CFG = ModelConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2,
-                  num_heads=2)
 PRE = Preprocessing(mean=(0.5,), std=(0.25,), img_size=16, in_chans=1)
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return VisionTransformer(CFG).eval()
-
-
-@pytest.fixture(scope="module")
 def calib():
-    torch.manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(64, 1, 16, 16), torch.zeros(64, dtype=torch.long)),
-                      batch_size=32)
+    return noise_loader(64, batch_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -7,32 +7,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import LayerOverride, ModelConfig
+from bvvit.config import LayerOverride
 from bvvit.errors import CheckpointError, ConfigError
-from bvvit.model import VisionTransformer
-from bvvit.model_file import LoadedModel
-from bvvit.config import Preprocessing
 from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
 from bvvit.quant.primitives import sqnr
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import RECIPES, make_quant_config
 from bvvit.quant.storage import load_quantized_model, read_metadata, save_quantized_model
-
-CFG = ModelConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2,
-                  num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return VisionTransformer(CFG).eval()
-
+from tests.quant.tiny import loaded_model, noise_loader
 
 @pytest.fixture(scope="module")
 def calib():
-    torch.manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(32, 1, 16, 16), torch.zeros(32, dtype=torch.long)),
-                      batch_size=16)
+    return noise_loader(32, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +86,12 @@ def test_error_falls_as_bits_rise(model, images, recipe):
     assert errors[8] > 25 and errors[16] > (35 if recipe == "percentile" else 60)
 
 
-def _loaded(model):
-    return LoadedModel(model, CFG, [f"c{i}" for i in range(5)], Preprocessing(img_size=16))
-
-
 @pytest.mark.parametrize("bits", list(range(2, 17)))
 def test_packed_file_reloads_bit_for_bit(model, calib, images, tmp_path, bits):
     recipe = "mse" if bits in (4, 8) else "minmax"
     cfg = make_quant_config(recipe, bits, bits)
     qmodel, report = quantize_model(model, cfg, calib)
-    info = save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, _loaded(model), report)
+    info = save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded_model(model), report)
     reloaded, meta = load_quantized_model(tmp_path / "q.safetensors")
     with torch.no_grad():
         assert torch.equal(qmodel(images), reloaded(images))
@@ -125,8 +107,8 @@ def test_fp16_float_parts_reload_bit_for_bit_and_shrink(model, calib, images, tm
     cfg = make_quant_config("minmax", 4, 4)
     q32, report = quantize_model(model, cfg, calib)
     q16, _ = quantize_model(model, cfg, calib)
-    a = save_quantized_model(tmp_path / "a.safetensors", q32, cfg, _loaded(model), report)
-    b = save_quantized_model(tmp_path / "b.safetensors", q16, cfg, _loaded(model), report, float_dtype="fp16")
+    a = save_quantized_model(tmp_path / "a.safetensors", q32, cfg, loaded_model(model), report)
+    b = save_quantized_model(tmp_path / "b.safetensors", q16, cfg, loaded_model(model), report, float_dtype="fp16")
     assert b["breakdown"]["float_parameters"] * 2 == a["breakdown"]["float_parameters"]
     reloaded, _ = load_quantized_model(tmp_path / "b.safetensors")
     with torch.no_grad():
@@ -136,7 +118,7 @@ def test_fp16_float_parts_reload_bit_for_bit_and_shrink(model, calib, images, tm
 def test_file_has_no_pickle_and_metadata(model, calib, tmp_path):
     cfg = make_quant_config("minmax", 8, 8)
     qmodel, report = quantize_model(model, cfg, calib)
-    save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, _loaded(model), report)
+    save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded_model(model), report)
     raw = (tmp_path / "q.safetensors").read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert raw[8:9] == b"{" and header_len < len(raw)
@@ -150,7 +132,7 @@ def test_compact_metadata_and_format_1_files_still_load(model, calib, images, tm
     cfg = make_quant_config("mse", 8, 8)
     qmodel, report = quantize_model(model, cfg, calib)
     path = tmp_path / "q.safetensors"
-    save_quantized_model(path, qmodel, cfg, _loaded(model), report)
+    save_quantized_model(path, qmodel, cfg, loaded_model(model), report)
     tensors = load_file(str(path))
     # weight scales are bfloat16 values, stored in 2 bytes
     assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if k.endswith(".weight.scale"))
@@ -172,7 +154,7 @@ def test_corrupt_file_is_a_clear_error(model, calib, tmp_path, damage):
     cfg = make_quant_config("minmax", 8, 8)
     qmodel, report = quantize_model(model, cfg, calib)
     path = tmp_path / "q.safetensors"
-    save_quantized_model(path, qmodel, cfg, _loaded(model), report)
+    save_quantized_model(path, qmodel, cfg, loaded_model(model), report)
     raw = path.read_bytes()
     path.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
     with pytest.raises(CheckpointError, match="q.safetensors"):

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import ModelConfig, Preprocessing, QuantConfig
+from bvvit.config import QuantConfig
 from bvvit.errors import ConfigError
 from bvvit.model import VisionTransformer
-from bvvit.model_file import LoadedModel
 from bvvit.quant.log2 import LogQParams
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.primitives import sqnr
@@ -20,22 +18,14 @@ from bvvit.quant.reconstruct import (ReconstructOptions, model_units, reconstruc
                                      reconstruct_unit, unit_error)
 from bvvit.quant.recipes import make_quant_config
 from bvvit.quant.storage import load_quantized_model, save_quantized_model
+from tests.quant.tiny import QUANT_CFG, loaded_model, noise_loader
 
-CFG = ModelConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=2)
 ITERS = 60
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return VisionTransformer(CFG).eval()
-
-
-@pytest.fixture(scope="module")
 def calib():
-    torch.manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(64, 1, 16, 16), torch.zeros(64, dtype=torch.long)),
-                      batch_size=32)
+    return noise_loader(64, batch_size=32)
 
 
 def _calibrated(model, calib, recipe="vit", bits=3):
@@ -86,7 +76,7 @@ def test_codes_stay_integers_in_range_and_the_file_reloads_bit_for_bit(model, ca
         assert quantizer.qparams.scale.dtype == torch.float32 and quantizer.state == "quantize"
         changed_scales += int(not torch.equal(quantizer.qparams.scale, scales[name]))
     assert changed_codes > 0 and changed_scales > 0  # it did something
-    loaded = LoadedModel(model, CFG, [f"c{i}" for i in range(5)], Preprocessing(img_size=16))
+    loaded = loaded_model(model)
     save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded, report)
     reloaded, meta = load_quantized_model(tmp_path / "q.safetensors")
     images = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -150,7 +140,7 @@ def test_config_validates_and_round_trips():
         with pytest.raises(ConfigError):
             make_quant_config("vit-recon", 4, 4, **bad)
     with pytest.raises(ConfigError, match="calibration"):
-        quantize_model(VisionTransformer(CFG), make_quant_config("vit-recon", 4, 4), None)
+        quantize_model(VisionTransformer(QUANT_CFG), make_quant_config("vit-recon", 4, 4), None)
 
 
 def test_cli_flag_maps_to_the_switch():
