@@ -249,8 +249,9 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
         return None
     acc = result["accuracy"]
     print(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
-          f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%), integer "
-          f"ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
+          f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
+          + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
+          + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
           f"({time.perf_counter() - start:.1f}s)")
     return result
 
@@ -259,6 +260,8 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
     """summary.csv rows for the ONNX Runtime variants (real kernels)."""
     names = {"fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "ort_fp32"),
              "w8a8": ("onnx-w8a8", 8, 8, "onnxruntime-int8", "ort_w8a8"),
+             "w8a8_fused": ("onnx-w8a8-fused-attention", 8, 8, "onnxruntime-int8-qattention",
+                            "ort_w8a8_fused"),
              "w4": ("onnx-w4", 4, 32, "onnxruntime-int4-weight-only", "ort_w4")}
     latency = {(r["name"], r["batch_size"]): r["median_ms"] for r in result.get("latency", [])}
     rows = []

@@ -21,6 +21,14 @@ U8S8 kernels (AVX512-VNNI). LayerNorm, GELU, softmax and the residual adds stay 
 Only 8-bit per-tensor uniform activations and 8-bit per-tensor / per-channel weights map to
 integer kernels; anything else raises :class:`ConfigError` naming the layers.
 
+``attention="fused"`` (the fastest file, ``vit_w8a8_fused_attention.onnx``): each attention
+block's qkv Linear AND its attention become ONE ``com.microsoft.QAttention`` node (uint8 input
+with our static scale, our int8 per-channel qkv codes, the attention itself in float inside
+the kernel: q, k, v and the softmax output are not quantized, as in ONNX Runtime's and
+PyTorch's dynamic quantization); every other Linear stays a static W8A8
+``MatMulIntegerToFloat``. It drops about fifteen reshape/split/transpose nodes per block,
+which is what batch-1 latency is made of here.
+
 W4 weight-only (every <= 4-bit Linear as ONNX Runtime's ``MatMulNBits``) lives in
 :mod:`bvvit.quant.export_w4`, and the file conventions and writing steps every export
 shares in :mod:`bvvit.quant.export_common`; their public names are re-exported here.
@@ -46,7 +54,7 @@ from torch import Tensor, nn
 
 from bvvit.config import Preprocessing
 from bvvit.errors import ConfigError
-from bvvit.model import PatchEmbed, VisionTransformer
+from bvvit.model import Attention, PatchEmbed, VisionTransformer
 # Also re-exported: callers import the constants, metadata_for and the W4 export from here.
 from bvvit.quant.export_common import (DEFAULT_OPSET, INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME,
                                        _save, _set_child, _torch_export, metadata_for)
@@ -129,6 +137,76 @@ class _PatchMatMulEmbed(nn.Module):
         return self.linear(x)  # (B, N, D)
 
 
+def _absent_input(g: Any) -> Any:
+    """An omitted optional input of an ONNX node (the exporter writes an empty name)."""
+    node = g.op("prim::Constant")
+    node.setType(torch._C.OptionalType.ofTensor())
+    return node
+
+
+class _QAttentionOp(torch.autograd.Function):
+    """Quantize ``x`` then multi-head self-attention with an int8 qkv weight; exported as
+    ``QuantizeLinear`` + ``com.microsoft.QAttention``, run in PyTorch as the same float math."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, codes: Tensor, bias: Tensor, x_scale: Tensor, x_zero_point: Tensor,
+                w_scale: Tensor, w_zero_point: Tensor, num_heads: int) -> Tensor:
+        x = torch.fake_quantize_per_tensor_affine(x, float(x_scale), int(x_zero_point), 0, 255)
+        weight = (codes.float() - w_zero_point.float()) * w_scale  # (C, 3C): columns q | k | v
+        B, N, C = x.shape
+        head_dim = C // num_heads
+        qkv = (x @ weight + bias).reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = torch.softmax((q * head_dim ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, codes: Any, bias: Any, x_scale: Any, x_zero_point: Any,
+                 w_scale: Any, w_zero_point: Any, num_heads: int) -> Any:
+        quantized = g.op("QuantizeLinear", x, x_scale, x_zero_point)
+        return g.op("com.microsoft::QAttention", quantized, codes, bias, x_scale, w_scale,
+                    _absent_input(g), x_zero_point, w_zero_point, num_heads_i=num_heads)
+
+
+class _QAttention(nn.Module):
+    """An attention block whose qkv Linear and attention are one QAttention node; ``proj``
+    (a quantized Linear) follows as usual."""
+
+    def __init__(self, attention: nn.Module, qkv: QuantLinear):
+        super().__init__()
+        qp, act = qkv.weight_qparams, qkv.input_quantizer.qparams
+        out_features = qkv.weight_codes.shape[0]
+        self.num_heads = attention.num_heads
+        self.register_buffer("codes", qkv.weight_codes.to(torch.int8).t().contiguous())  # (C, 3C)
+        self.register_buffer("bias", qkv.bias.detach().clone().float() if qkv.bias is not None
+                             else torch.zeros(out_features))
+        self.register_buffer("x_scale", act.scale.detach().reshape(()).float().clone())
+        self.register_buffer("x_zero_point", act.zero_point.reshape(()).to(torch.uint8).clone())
+        self.register_buffer("w_scale", qp.scale.detach().reshape(-1).float().expand(out_features).contiguous())
+        self.register_buffer("w_zero_point", qp.zero_point.reshape(-1).to(torch.int8).expand(out_features).contiguous())
+        self.proj = attention.proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _QAttentionOp.apply(x, self.codes, self.bias, self.x_scale, self.x_zero_point,
+                                self.w_scale, self.w_zero_point, self.num_heads)
+        return self.proj(y)
+
+
+def _qattention_problem(attention: Attention) -> Optional[str]:
+    """Why ``attention`` cannot become a QAttention node (None when it can)."""
+    qkv = attention.qkv
+    if not isinstance(qkv, QuantLinear) or qkv.weight_qparams is None:
+        return "its qkv Linear is not quantized"
+    qp = qkv.weight_qparams
+    if qp.bits != 8 or not qp.symmetric or isinstance(qp.granularity, PerGroup):
+        return "its qkv weight is not signed 8-bit per-tensor/per-channel"
+    act = qkv.input_quantizer
+    if act is None or act.state != QUANTIZE or act.qparams is None or act.qparams.scale.numel() != 1 \
+            or (act.qparams.qmin, act.qparams.qmax) != (0, 255):
+        return "its qkv input is not quantized to uint8 per tensor"
+    return None
+
+
 def unsupported_for_int8(qmodel: nn.Module) -> list[str]:
     """Why each quantized tensor of ``qmodel`` cannot run on 8-bit integer kernels
     (empty when the whole model can)."""
@@ -154,7 +232,7 @@ def unsupported_for_int8(qmodel: nn.Module) -> list[str]:
 
 
 ATTENTION_KINDS = ("q", "k", "v", "softmax")
-ATTENTION_MODES = ("int8", "float")
+ATTENTION_MODES = ("int8", "float", "fused")
 
 
 def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTransformer:
@@ -174,6 +252,14 @@ def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTra
         raise ConfigError(f"only 8-bit models run on ONNX Runtime's integer kernels: {shown}; "
                           "export other widths with the packed .safetensors file instead")
     twin = copy.deepcopy(qmodel).eval().cpu()
+    if attention == "fused":
+        blocks = [(name, m) for name, m in twin.named_modules() if isinstance(m, Attention)]
+        problems = [f"{name}: {why}" for name, m in blocks if (why := _qattention_problem(m))]
+        if problems:
+            raise ConfigError(f"attention='fused' needs QAttention-compatible blocks: {'; '.join(problems[:3])}; "
+                              "export with attention='float' or 'int8' instead")
+        for name, module in blocks:
+            _set_child(twin, name, _QAttention(module, module.qkv))
     for name, module in list(twin.named_modules()):
         if isinstance(module, PatchEmbed) and isinstance(module.proj, QuantConv2d):
             conv = module.proj
@@ -185,7 +271,7 @@ def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTra
             _set_child(twin, name, _QDQLinear(module, _qdq_of(module)))
     for name, module in list(twin.named_modules()):
         if isinstance(module, ActQuantizer):
-            keep = module.state == QUANTIZE and not (attention == "float" and module.kind in ATTENTION_KINDS)
+            keep = module.state == QUANTIZE and not (attention != "int8" and module.kind in ATTENTION_KINDS)
             _set_child(twin, name, _QDQ(module) if keep else nn.Identity())
     return twin
 

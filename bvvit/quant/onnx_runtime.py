@@ -247,18 +247,21 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
 
     Returns a JSON-serialisable dict:
 
-    - ``files``: variant -> path of the .onnx file (``fp32``, ``w8a8``, ``w4`` when exported)
+    - ``files``: variant -> path of the .onnx file (``fp32``, ``w8a8``, ``w8a8_fused`` (the
+      same W8A8 Linears, each block's qkv + attention one QAttention node, attention in float:
+      the fastest file), ``w4`` when exported)
     - ``size_bytes``: variant -> file size; ``size_ratio_to_fp32``: variant -> size / fp32 size
     - ``accuracy``: variant (``pytorch_fp32``, ``pytorch_w8a8_sim``, ``ort_fp32``, ``ort_w8a8``,
-      ``ort_w4``) -> ``{"top1", "agreement_with_fp32"}`` (percent); ort_w8a8 adds
+      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement_with_fp32"}`` (percent); ort_w8a8 adds
       ``agreement_with_sim`` and ``sqnr_db_vs_sim``, ort_fp32 ``max_abs_diff_vs_pytorch``
     - ``checks``: ``fp32_top1_delta`` (ORT - PyTorch, points), ``fp32_within_0.01``,
       ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops`` (bool)
     - ``integer_ops``: :func:`integer_op_report` of the W8A8 graph as ORT optimized it
-    - ``w4``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``
+    - ``w4``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``; ``w8a8_fused``:
+      ``{"exported": bool, "error": str | None, "integer_ops": {...}}``
     - ``latency`` (empty with ``measure_latency=False``): list of rows ``{"name", "batch_size", "median_ms", "p90_ms", "runs",
       "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32"}``; names are
-      ``pytorch_fp32``, ``ort_fp32``, ``ort_w8a8`` (, ``ort_w4``)
+      ``pytorch_fp32``, ``ort_fp32``, ``ort_w8a8`` (, ``ort_w8a8_fused``, ``ort_w4``)
     - ``threads``: ``{"torch", "onnxruntime"}``; ``system``: :func:`system_info`;
       ``num_images``; ``onnxruntime_version``; ``exporter``
     """
@@ -267,6 +270,13 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     files = {"fp32": onnx_dir / "vit_fp32.onnx", "w8a8": onnx_dir / "vit_w8a8.onnx"}
     export_float_onnx(fp_model, files["fp32"], preprocessing, class_names)
     export_qdq_onnx(qmodel_w8a8, files["w8a8"], preprocessing, class_names)
+    fused: dict[str, Any] = {"exported": False, "error": None}
+    try:
+        files["w8a8_fused"] = export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8_fused_attention.onnx",
+                                              preprocessing, class_names, attention="fused")
+        fused["exported"] = True
+    except BVViTError as exc:
+        fused["error"] = str(exc)
     w4: dict[str, Any] = {"exported": False, "error": None}
     if qmodel_w4 is not None:
         w4["error"] = matmul_nbits_error()
@@ -285,6 +295,10 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
         optimized = Path(folder) / "w8a8_optimized.onnx"
         make_session(files["w8a8"], threads=threads, optimized_model_path=optimized)
         int_report = integer_op_report(optimized)
+        if "w8a8_fused" in files:
+            fused_optimized = Path(folder) / "w8a8_fused_optimized.onnx"
+            make_session(files["w8a8_fused"], threads=threads, optimized_model_path=fused_optimized)
+            fused["integer_ops"] = integer_op_report(fused_optimized)["integer_ops"]
         if "w4" in files:
             w4_optimized = Path(folder) / "w4_optimized.onnx"
             make_session(files["w4"], threads=threads, optimized_model_path=w4_optimized)
@@ -327,6 +341,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
                    "w8a8_integer_ops": bool(int_report["ok"])},
         "integer_ops": int_report,
         "w4": w4,
+        "w8a8_fused": fused,
         "latency": latency,
         "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads},
         "system": system_info(),
@@ -346,7 +361,7 @@ def _interleaved_latency(fp_model: torch.nn.Module, sessions: Mapping[str, ort.I
         to_input[f"ort_{name}"] = lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)
     inputs = {int(b): _batch_of(loader, int(b)) for b in batch_sizes}
     kinds = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer",
-             "ort_w4": "weight_only_int4"}
+             "ort_w8a8_fused": "integer", "ort_w4": "weight_only_int4"}
     results = measure_interleaved(fns, inputs, warmup=warmup, runs=max(10, runs),
                                   kinds={k: v for k, v in kinds.items() if k in fns}, to_input=to_input)
     base = {(r.name, r.batch_size): r.median_ms for r in results}

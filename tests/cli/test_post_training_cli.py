@@ -35,6 +35,8 @@ def test_end_to_end(trained, tmp_path):
     # real integer inference in ONNX Runtime beside the simulated rows
     onnx = {r["name"]: r for r in rows[5:]}
     assert onnx["onnx-w8a8"]["kernel"] == "onnxruntime-int8"
+    assert onnx["onnx-w8a8-fused-attention"]["kernel"] == "onnxruntime-int8-qattention"
+    assert (tmp_path / "onnx" / "vit_w8a8_fused_attention.onnx").is_file()
     assert onnx["onnx-fp32"]["kernel"] == "onnxruntime-float"
     assert (tmp_path / "onnx" / "vit_w8a8.onnx").is_file()
     assert abs(float(onnx["onnx-fp32"]["top1"]) - float(rows[0]["top1"])) <= 0.01

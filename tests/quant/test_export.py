@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import Preprocessing, TensorQuantSpec
+from bvvit.config import LayerOverride, Preprocessing, TensorQuantSpec
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.evaluate.classification import sqnr_db
 from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
@@ -143,6 +143,37 @@ def test_float_attention_keeps_every_linear_on_integers(qmodel, images, tmp_path
         export_twin(qmodel, attention="int4")
 
 
+def test_fused_attention_is_one_qattention_node_per_block(qmodel, images, tmp_path):
+    path = export_qdq_onnx(qmodel, tmp_path / "fused.onnx", PRE, CLASSES, attention="fused")
+    assert read_onnx_metadata(path)["bvvit.attention"] == "fused"
+    optimized = tmp_path / "optimized.onnx"
+    session = make_session(path, threads=1, optimized_model_path=optimized)
+    report = integer_op_report(optimized)
+    # each block: qkv + attention in one QAttention; proj, fc1, fc2, patch embedding and
+    # head stay MatMulIntegerToFloat; no float matmul left anywhere
+    assert report["integer_ops"] == {"QAttention": 2, "MatMulIntegerToFloat": 2 * 3 + 2}
+    assert report["ok"] and report["float_matmuls"] == []
+    qattention = next(n for n in load_onnx(path).graph.node if n.op_type == "QAttention")
+    initializers = {i.name: numpy_helper.to_array(i) for i in load_onnx(path).graph.initializer}
+    layer = qmodel.blocks[0].attn.qkv
+    assert np.array_equal(initializers[qattention.input[1]], layer.weight_codes.t().numpy())  # our codes
+    with torch.no_grad():
+        twin = export_twin(qmodel, attention="fused")(images)
+        float_attention = export_twin(qmodel, attention="float")(images)
+    torch.testing.assert_close(twin, float_attention)  # the PyTorch stand-in is the same model
+    logits = torch.from_numpy(run_session(session, images))
+    assert sqnr_db(float_attention, logits) > 30  # ORT's kernel computes that model
+    assert (logits.argmax(1) == float_attention.argmax(1)).float().mean() >= 0.95
+
+
+def test_fused_attention_refuses_blocks_it_cannot_run(model, calib, tmp_path):
+    cfg = make_quant_config("mse", 8, 8, overrides=[LayerOverride("blocks.1.attn.qkv", keep_float=True)])
+    partly_float, _ = quantize_model(model, cfg, calib)
+    with pytest.raises(ConfigError, match="blocks.1.attn: its qkv Linear is not quantized"):
+        export_qdq_onnx(partly_float, tmp_path / "fused.onnx", PRE, CLASSES, attention="fused")
+    assert not (tmp_path / "fused.onnx").exists()
+
+
 def test_evaluate_onnx_follows_the_loader(files, images, model):
     loader = DataLoader(TensorDataset(images, torch.zeros(64, dtype=torch.long)), batch_size=24)
     logits = evaluate_onnx(make_session(files["fp32"], threads=1), loader)
@@ -218,12 +249,14 @@ def test_export_and_measure_reports_everything(model, qmodel, images, tmp_path):
     json.dumps(result, allow_nan=False)
     assert (tmp_path / "onnx" / "vit_fp32.onnx").is_file()
     assert (tmp_path / "onnx" / "vit_w8a8.onnx").is_file()
+    assert (tmp_path / "onnx" / "vit_w8a8_fused_attention.onnx").is_file()
     assert set(result) >= {"files", "size_bytes", "size_ratio_to_fp32", "accuracy", "checks",
-                           "integer_ops", "w4", "latency", "threads", "system", "num_images"}
+                           "integer_ops", "w4", "w8a8_fused", "latency", "threads", "system", "num_images"}
+    assert result["w8a8_fused"]["exported"] and result["w8a8_fused"]["integer_ops"]["QAttention"] == 2
     assert result["size_ratio_to_fp32"]["w8a8"] < 0.75  # 0.27 at 6x192; graph overhead here
     assert result["checks"]["w8a8_integer_ops"] and result["checks"]["fp32_within_0.01"]
     assert result["accuracy"]["ort_fp32"]["agreement_with_fp32"] == 100.0
     assert result["w4"] == {"exported": False, "error": None}
     rows = {(r["name"], r["batch_size"]) for r in result["latency"]}
-    assert rows == {(n, b) for n in ("pytorch_fp32", "ort_fp32", "ort_w8a8") for b in (1, 4)}
+    assert rows == {(n, b) for n in ("pytorch_fp32", "ort_fp32", "ort_w8a8", "ort_w8a8_fused") for b in (1, 4)}
     assert all(r["runs"] >= 10 and r["p90_ms"] >= r["median_ms"] > 0 for r in result["latency"])
