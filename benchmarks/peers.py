@@ -77,6 +77,8 @@ def pt2e_convert(model: nn.Module, calib: Iterable, batch: int) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     images = torch.cat([b[0] for b in calib])
+    if images.shape[0] < batch:  # fewer calibration images than one exported batch: repeat them
+        images = images.repeat(-(-batch // images.shape[0]), 1, 1, 1)[:batch]
     with torch.no_grad():
         exported = torch.export.export(copy.deepcopy(model).eval(), (images[:batch],)).module()
         prepared = prepare_pt2e(exported, quantizer)

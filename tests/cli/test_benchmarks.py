@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on a tiny model and report every competitor."""
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_peers_benchmark_compares_every_method_on_the_same_images(trained, tmp_path):
+    data, out = trained
+    report_path = tmp_path / "peers.json"
+    result = run_cli("benchmarks/ptq_peers.py", "--model-path", str(out / "vit_model.pth"),
+                     "--calib-size", "16", "--eval-subset", "20", "--pairs", "8/8,4/8,4/4",
+                     "--json", str(report_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["num_images"] == 20 and report["calib_size"] == 16
+    rows = {(r["w_bits"], r["a_bits"], r["method"], r["kind"]) for r in report["rows"]}
+    for pair in ((8, 8), (4, 8), (4, 4)):
+        assert (*pair, "OURS --recipe vit", "simulated") in rows
+        assert (*pair, "OURS --recipe minmax", "simulated") in rows
+    assert (8, 8, "OURS --recipe vit, exported", "ORT int8 kernels") in rows
+    for pair in ((8, 8), (4, 8)):  # ORT's static quantizer: int8 / int4 weights, uint8 activations
+        for method in ("MinMax", "Percentile", "Entropy"):
+            assert (*pair, f"ORT quantize_static {method}", "ORT QDQ") in rows, report["skipped"]
+    assert not any(r[:2] == (4, 4) and not r[2].startswith("OURS") for r in rows)  # no A4 peers
+    # every peer either ran or says why not; the numbers are real evaluations
+    named = {r[2] for r in rows} | set(report["skipped"])
+    assert any("PT2E" in name for name in named) and any("torchao" in name for name in named)
+    for row in report["rows"]:
+        assert 0.0 <= row["top1"] <= 100.0 and 0.0 <= row["agreement"] <= 100.0
+    assert "W8A8: ours" in result.stdout
+
+
+def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
+    data, out = trained
+    report_path = tmp_path / "speed.json"
+    result = run_cli("benchmarks/ptq_speed.py", "--model-path", str(out / "vit_model.pth"),
+                     "--calib-size", "16", "--eval-subset", "20", "--runs", "10", "--warmup", "1",
+                     "--threads", "1", "--skip-compile", "--json", str(report_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    variants = [r["variant"] for r in report["rows"]]
+    assert variants[:2] == ["PyTorch FP32 eager", "ORT FP32"]
+    ours = [v for v in variants if v.startswith("OURS")]
+    assert len(ours) == 3 and any("fused attention" in v for v in ours)
+    assert "ORT quantize_dynamic" in variants and "torch.ao quantize_dynamic" in variants
+    assert sum(v.startswith("ORT quantize_static") for v in variants) == 4
+    for row in report["rows"]:
+        assert row["b1_p90_ms"] >= row["b1_median_ms"] > 0 and row["b64_median_ms"] > 0
+    assert set(report["verdict"]) == set(ours)
+    assert report["skipped"].get("PT2E X86InductorQuantizer") == "--skip-compile"
