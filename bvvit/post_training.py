@@ -253,6 +253,8 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
           + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
           + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
           f"({time.perf_counter() - start:.1f}s)")
+    if result["w8a8_fused"]["error"]:
+        print(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
     return result
 
 
