@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, run_cli, run_torchrun
+from tests.helpers import assert_one_line_error, make_image_folder, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
