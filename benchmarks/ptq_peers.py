@@ -20,6 +20,7 @@ A peer that cannot run here is listed with its reason. Top-1 differences of one 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -69,8 +70,6 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 def torchao_dynamic(model: torch.nn.Module, w_bits: int) -> torch.nn.Module:
     """torchao's int8 dynamic-activation recipes: int8 weights, or int4 weights per channel."""
-    import copy
-
     from torchao.quantization import quantize_
     qmodel = copy.deepcopy(model).eval()
     if w_bits == 8:

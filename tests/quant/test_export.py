@@ -125,12 +125,17 @@ def test_fusing_the_linears_changes_no_logit(model, calib, images, tmp_path, rec
                                run_session(make_session(unfused, threads=1), images), atol=1e-5, rtol=1e-5)
 
 
-def test_float_attention_keeps_every_linear_on_integers(qmodel, images, tmp_path):
-    path = export_qdq_onnx(qmodel, tmp_path / "fattn.onnx", PRE, CLASSES, attention="float")
-    assert read_onnx_metadata(path)["bvvit.attention"] == "float"
+def _export_attention_mode(qmodel, tmp_path, attention):
+    """Export ``qmodel`` with ``attention``; (path, session, integer_op_report of ORT's graph)."""
+    path = export_qdq_onnx(qmodel, tmp_path / f"{attention}.onnx", PRE, CLASSES, attention=attention)
+    assert read_onnx_metadata(path)["bvvit.attention"] == attention
     optimized = tmp_path / "optimized.onnx"
     session = make_session(path, threads=1, optimized_model_path=optimized)
-    report = integer_op_report(optimized)
+    return path, session, integer_op_report(optimized)
+
+
+def test_float_attention_keeps_every_linear_on_integers(qmodel, images, tmp_path):
+    path, session, report = _export_attention_mode(qmodel, tmp_path, "float")
     # 2 blocks x (qkv, proj, fc1, fc2) + patch embedding + head on integers; only the
     # attention products (q @ k^T, attn @ v) in float, and none of them fed by a DQ
     assert report["ok"] and report["num_integer_ops"] == 2 * 4 + 2
@@ -144,17 +149,14 @@ def test_float_attention_keeps_every_linear_on_integers(qmodel, images, tmp_path
 
 
 def test_fused_attention_is_one_qattention_node_per_block(qmodel, images, tmp_path):
-    path = export_qdq_onnx(qmodel, tmp_path / "fused.onnx", PRE, CLASSES, attention="fused")
-    assert read_onnx_metadata(path)["bvvit.attention"] == "fused"
-    optimized = tmp_path / "optimized.onnx"
-    session = make_session(path, threads=1, optimized_model_path=optimized)
-    report = integer_op_report(optimized)
+    path, session, report = _export_attention_mode(qmodel, tmp_path, "fused")
     # each block: qkv + attention in one QAttention; proj, fc1, fc2, patch embedding and
     # head stay MatMulIntegerToFloat; no float matmul left anywhere
     assert report["integer_ops"] == {"QAttention": 2, "MatMulIntegerToFloat": 2 * 3 + 2}
     assert report["ok"] and report["float_matmuls"] == []
-    qattention = next(n for n in load_onnx(path).graph.node if n.op_type == "QAttention")
-    initializers = {i.name: numpy_helper.to_array(i) for i in load_onnx(path).graph.initializer}
+    graph = load_onnx(path).graph
+    qattention = next(n for n in graph.node if n.op_type == "QAttention")
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     layer = qmodel.blocks[0].attn.qkv
     assert np.array_equal(initializers[qattention.input[1]], layer.weight_codes.t().numpy())  # our codes
     with torch.no_grad():
