@@ -1,7 +1,8 @@
 """Real int8 speed: our static W8A8 in ONNX Runtime against what a user would pick instead.
 
-    python benchmarks/ptq_speed.py [--model-path OUT/vit_model.pth] [--calib-size 256]
-        [--eval-subset N] [--runs 20] [--threads 2] [--json PATH] [--skip-compile]
+    python benchmarks/ptq_speed.py [--model-path OUT/vit_model.pth] [--calib-size 1024]
+        [--recipe vit] [--eval-subset N] [--batch-orders 10] [--runs 20] [--threads 2]
+        [--json PATH] [--skip-compile]
 
 Without ``--model-path``: a random-weight ViT 6x192, patch 7, on 28x28 with random
 calibration images (accuracy columns are then n/a). Everything is measured in ONE
@@ -15,6 +16,16 @@ per-channel; MinMax with uint8 and int8 activations, Percentile, Entropy);
 ORT ``quantize_dynamic``; ``torch.ao.quantization.quantize_dynamic``; and, when torchao
 imports and ``--skip-compile`` is not given, PT2E X86InductorQuantizer + torch.compile and
 torchao int8 dynamic + torch.compile (each skipped with its reason if it fails).
+
+Accuracy, with a model path: top-1 on the validation images at batch 64 (images in order),
+and, for every model whose predictions depend on the batch (dynamic per-tensor activation
+ranges: ORT and torch.ao ``quantize_dynamic``; also any variant whose logits for the first
+64 images change by > 0.1% between batch 1 and batch 64), at batch 1 and at batch 64 over
+``--batch-orders`` image orders (mean, min, max). Our static models are evaluated at batch 1
+too. Each variant's predictions are compared with FP32's (images lost / gained) and ours with
+the most accurate peer's (McNemar exact test, bvvit/evaluate/significance.py). The verdict
+compares accuracies at each timed batch size: batch-1 accuracy at batch 1, the mean over
+batch orders at batch 64.
 """
 
 from __future__ import annotations
@@ -52,7 +63,9 @@ from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
 from bvvit.quant.onnx_runtime import (make_session, numpy_fn, optimized_op_report,  # noqa: E402
                                       session_fn)
 from bvvit.quant.quantize import quantize_model  # noqa: E402
-from bvvit.quant.recipes import make_quant_config  # noqa: E402
+from bvvit.evaluate.significance import (accuracy_over_batch_orders, paired_comparison,  # noqa: E402
+                                         predict_in_order)
+from bvvit.quant.recipes import DEFAULT_RECIPE, make_quant_config  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
 
@@ -61,12 +74,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", help="vit_model.pth from run.py (default: random ViT 6x192)")
     p.add_argument("--data-path", help="data set (default: what the model was trained on)")
-    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images (post_training's default)")
     p.add_argument("--eval-subset", type=int, default=None, help="evaluate on N validation images")
     p.add_argument("--runs", type=int, default=20, help="timed rounds per batch size (>= 10)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
-    p.add_argument("--recipe", default="mse", help="our recipe (mse, percentile, minmax)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"our recipe (default {DEFAULT_RECIPE}: post_training's)")
+    p.add_argument("--batch-orders", type=int, default=10,
+                   help="image orders for the batch-64 accuracy of batch-dependent models")
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile peers")
     p.add_argument("--compile-budget-s", type=float, default=60.0,
                    help="start no further torch.compile peer after this many seconds of compiling")
@@ -113,10 +128,12 @@ class Variant:
 
     def __init__(self, name: str, fn: Callable[[Any], Any], numpy_input: bool,
                  size_bytes: Optional[int], note: str = "",
-                 eval_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 eval_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 batch_dependent: bool = False):
         self.name, self.fn, self.numpy_input = name, fn, numpy_input
         self.size_bytes, self.note = size_bytes, note
         self.eval_fn = eval_fn or fn
+        self.batch_dependent = batch_dependent  # dynamic per-tensor activation ranges
 
 
 def torch_size(module: nn.Module) -> int:
@@ -125,9 +142,11 @@ def torch_size(module: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def ort_variant(name: str, path: Path, threads: int, note: str = "") -> Variant:
+def ort_variant(name: str, path: Path, threads: int, note: str = "",
+                batch_dependent: bool = False) -> Variant:
     session = make_session(path, threads=threads, allow_spinning=False)
-    return Variant(name, numpy_fn(session), True, path.stat().st_size, note, session_fn(session))
+    return Variant(name, numpy_fn(session), True, path.stat().st_size, note, session_fn(session),
+                   batch_dependent)
 
 
 def ort_static_peers(fp_path: Path, folder: Path, calib: Any, threads: int) -> list[Variant]:
@@ -144,12 +163,14 @@ def ort_static_peers(fp_path: Path, folder: Path, calib: Any, threads: int) -> l
 
 def ort_dynamic_peer(fp_path: Path, folder: Path, threads: int) -> Variant:
     path = peers.ort_quantize_dynamic(fp_path, folder / "ort_dynamic.onnx")
-    return ort_variant("ORT quantize_dynamic", path, threads, "int8 weights, dynamic activations")
+    return ort_variant("ORT quantize_dynamic", path, threads,
+                       "int8 weights, dynamic per-tensor activations (range of each batch)", True)
 
 
 def torch_dynamic_peer(model: nn.Module) -> Variant:
     qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-    return Variant("torch.ao quantize_dynamic", qmodel, False, torch_size(qmodel), "x86/fbgemm")
+    return Variant("torch.ao quantize_dynamic", qmodel, False, torch_size(qmodel),
+                   "x86/fbgemm, dynamic per-tensor activations", batch_dependent=True)
 
 
 def pt2e_peer(model: nn.Module, calib: Any, example: torch.Tensor) -> Variant:
@@ -248,19 +269,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         else:
             variants += try_peer(label, build, skipped)
 
-    accuracy: dict[str, Optional[float]] = {v.name: None for v in variants}
-    if val is not None:
-        for v in variants:
-            try:
-                logits, labels = collect_logits(v.eval_fn, val)
-                accuracy[v.name] = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
-            except Exception as exc:  # noqa: BLE001 - report and keep timing the others
-                skipped[f"{v.name} accuracy"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-        print(f"  evaluated on {len(labels)} images", flush=True)
+    accuracy: dict[str, dict[str, Any]] = {}
     sim_top1 = None  # our simulated (fake-quant) model, for reference
     if val is not None:
+        start = time.perf_counter()
+        accuracy = accuracy_analysis(variants, val, args.batch_orders, skipped)
         logits, labels = collect_logits(qmodel, val)
         sim_top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
+        print(f"  evaluated on {len(labels)} images in {time.perf_counter() - start:.1f} s", flush=True)
 
     inputs = {1: example[:1].contiguous(), 64: example}
     if val is not None:  # real images for timing
@@ -277,10 +293,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     info = system_info()
     report = {"model": setup["desc"], "threads": args.threads, "runs": max(10, args.runs),
               "warmup": args.warmup, "recipe": args.recipe, "sim_w8a8_top1": sim_top1,
+              "batch_orders": args.batch_orders,
               "rows": table, "skipped": skipped, "our_graph_ops": ops,
               "verdict": verdict(table),
               "system": {k: info[k] for k in ("cpu_model", "usable_cores", "isa_flags",
                                               "cpu_capability", "libraries")}}
+    for row in table:
+        row.pop("correct", None)  # per-image vectors: used by the verdict, too long for the JSON
     print_table(report)
     if args.json:
         atomic_write_json(args.json, report)
@@ -289,14 +308,62 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     return report
 
 
-def build_table(variants: list[Variant], results: list[Any], accuracy: dict[str, Optional[float]]) -> list[dict[str, Any]]:
+BATCH_EFFECT_TOL = 1e-3  # relative logit change b1 vs b64 above which a model counts as batch-dependent
+
+
+def batch_effect(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    """max |logits at batch 64 - logits one image at a time| / max |logits|, first 64 images:
+    float reassociation (~1e-6) for a static model, quantization noise for a dynamic one."""
+    with torch.no_grad():
+        together = torch.as_tensor(fn(images)).double()
+        alone = torch.cat([torch.as_tensor(fn(images[i:i + 1].contiguous())) for i in range(len(images))]).double()
+    return float((together - alone).abs().max() / together.abs().max().clamp_min(1e-12))
+
+
+def accuracy_analysis(variants: list[Variant], val: Any, orders: int,
+                      skipped: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per variant: top-1 at batch 64 in image order (``top1``), at batch 1 (``top1_b1``)
+    and at batch 64 over ``orders`` image orders (``top1_b64_mean/min/max``; measured only
+    where predictions depend on the batch, else equal to ``top1``), the batch effect, images
+    lost and gained against FP32, and the per-image correctness (``correct``, dropped from
+    the JSON)."""
+    images = torch.cat([b[0] for b in val])
+    labels = torch.cat([b[1] for b in val])
+    out: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        try:
+            correct = predict_in_order(v.eval_fn, images, 64) == labels
+            top1 = 100.0 * float(correct.double().mean())
+            effect = batch_effect(v.eval_fn, images[:64])
+            dependent = v.batch_dependent or effect > BATCH_EFFECT_TOL
+            per_order = (accuracy_over_batch_orders(v.eval_fn, images, labels, 64, orders)
+                         if dependent else [top1])
+            top1_b1 = top1
+            if dependent or v.name.startswith("OURS"):  # ours: show it, not assume it
+                top1_b1 = 100.0 * float((predict_in_order(v.eval_fn, images, 1) == labels).double().mean())
+            out[v.name] = {"top1": top1, "top1_b1": top1_b1, "top1_b1_measured": dependent or v.name.startswith("OURS"),
+                           "top1_b64_mean": float(np.mean(per_order)), "top1_b64_min": min(per_order),
+                           "top1_b64_max": max(per_order), "batch_orders": len(per_order),
+                           "batch_effect": effect, "batch_dependent": dependent, "correct": correct}
+        except Exception as exc:  # noqa: BLE001 - report and keep timing the others
+            skipped[f"{v.name} accuracy"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    reference = out.get(FLOAT_BASELINES[0])
+    for entry in out.values():
+        if reference is not None:
+            vs = paired_comparison(entry["correct"], reference["correct"])
+            entry["vs_fp32_gained"], entry["vs_fp32_lost"] = vs.only_a, vs.only_b
+    return out
+
+
+def build_table(variants: list[Variant], results: list[Any], accuracy: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r.name, r.batch_size): r for r in results}
     fp_size = variants[0].size_bytes
     rows = []
     for v in variants:
-        row: dict[str, Any] = {"variant": v.name, "top1": accuracy.get(v.name), "size_bytes": v.size_bytes,
+        acc = accuracy.get(v.name, {})
+        row: dict[str, Any] = {"variant": v.name, "top1": acc.get("top1"), "size_bytes": v.size_bytes,
                                "size_ratio": v.size_bytes / fp_size if v.size_bytes else None,
-                               "note": v.note}
+                               "note": v.note, **{k: val for k, val in acc.items() if k != "top1"}}
         for b in (1, 64):
             r = by[(v.name, b)]
             row[f"b{b}_median_ms"], row[f"b{b}_p90_ms"] = r.median_ms, r.p90_ms
@@ -306,11 +373,15 @@ def build_table(variants: list[Variant], results: list[Any], accuracy: dict[str,
     return rows
 
 
+ACCURACY_AT = {1: "top1_b1", 64: "top1_b64_mean"}  # the accuracy a user gets at each batch size
+
+
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """For each of our rows: at least as fast as the fastest quantized peer at b1 and b64,
-    and as accurate as the most accurate one?"""
+    """For each of our rows and each timed batch size: at least as fast as the fastest
+    quantized peer, and as accurate as the most accurate one at that batch size? Also, at
+    batch 64 in image order, the paired test against that peer (McNemar exact p)."""
     peers = [r for r in rows if not r["variant"].startswith("OURS") and r["variant"] not in FLOAT_BASELINES]
-    best = max((r["top1"] for r in peers if r["top1"] is not None), default=None)
+    scored = [r for r in peers if r.get("top1") is not None]
     out: dict[str, Any] = {}
     for ours in (r for r in rows if r["variant"].startswith("OURS")):
         entry: dict[str, Any] = {}
@@ -321,9 +392,20 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
                               "fastest_peer_ms": fastest[key],
                               "ours_speedup_vs_fastest_peer": fastest[key] / ours[key],
                               "met": ours[key] <= fastest[key]}
-        if ours["top1"] is not None:
-            entry["accuracy"] = {"ours_top1": ours["top1"], "best_peer_top1": best,
-                                 "met": best is None or ours["top1"] >= best}
+            if ours.get("top1") is None:
+                continue
+            acc = ACCURACY_AT[b]
+            best = max(scored, key=lambda r: r[acc], default=None)
+            entry[f"b{b}"]["accuracy"] = {
+                "ours_top1": ours[acc], "best_peer": best and best["variant"],
+                "best_peer_top1": best and best[acc],
+                "met": best is None or ours[acc] >= best[acc] - 1e-9}
+        if ours.get("top1") is not None and scored:
+            best = max(scored, key=lambda r: r["top1"])
+            test = paired_comparison(ours["correct"], best["correct"])
+            entry["image_order_b64"] = {"ours_top1": ours["top1"], "best_peer": best["variant"],
+                                        "best_peer_top1": best["top1"], "only_ours": test.only_a,
+                                        "only_peer": test.only_b, "mcnemar_p": test.p_value}
         out[ours["variant"]] = entry
     return out
 
@@ -353,19 +435,44 @@ def print_table(report: dict[str, Any]) -> None:
               f"{r['b64_speedup_vs_pytorch_fp32']:7.2f}x | {r['b64_speedup_vs_ort_fp32']:8.2f}x |")
     if report["sim_w8a8_top1"] is not None:
         print(f"our simulated (fake-quant) W8A8 top-1: {report['sim_w8a8_top1']:.2f}")
+        print_accuracy(report)
     for name, reason in report["skipped"].items():
         print(f"skipped {name}: {reason}")
     for name, entry in report["verdict"].items():
         print(f"{name}:")
         for b in ("b1", "b64"):
             v = entry[b]
-            print(f"  {b}: {v['ours_ms']:.2f} ms vs fastest peer ({v['fastest_peer']}) "
-                  f"{v['fastest_peer_ms']:.2f} ms -> {'MET' if v['met'] else 'NOT met'} "
-                  f"({v['ours_speedup_vs_fastest_peer']:.2f}x its speed)")
-        if "accuracy" in entry:
-            a = entry["accuracy"]
-            print(f"  accuracy: {a['ours_top1']:.2f} vs best peer {_fmt(a['best_peer_top1'], '.2f')} -> "
-                  f"{'MET' if a['met'] else 'NOT met'}")
+            line = (f"  {b}: {v['ours_ms']:.2f} ms vs fastest peer ({v['fastest_peer']}) "
+                    f"{v['fastest_peer_ms']:.2f} ms -> {'MET' if v['met'] else 'NOT met'} "
+                    f"({v['ours_speedup_vs_fastest_peer']:.2f}x its speed)")
+            if "accuracy" in v:
+                a = v["accuracy"]
+                line += (f"; top-1 {a['ours_top1']:.2f} vs best peer at {b} "
+                         f"({a['best_peer']}) {_fmt(a['best_peer_top1'], '.2f')} -> "
+                         f"{'MET' if a['met'] else 'NOT met'}")
+            print(line)
+        if "image_order_b64" in entry:
+            t = entry["image_order_b64"]
+            print(f"  b64, images in order: {t['ours_top1']:.2f} vs {t['best_peer']} {t['best_peer_top1']:.2f}: "
+                  f"{t['only_ours']} images only ours gets right, {t['only_peer']} only it; "
+                  f"McNemar exact p = {t['mcnemar_p']:.2f}")
+
+
+def print_accuracy(report: dict[str, Any]) -> None:
+    print(f"\naccuracy (top-1 %): b64 in image order; b1 (measured where marked *, else static = "
+          f"b64); b64 mean [min-max] over {report['batch_orders']} image orders where the batch "
+          f"changes predictions; batch effect = max relative logit change b1 vs b64")
+    print(f"| {'variant':44s} | {'b64':>6s} | {'b1':>7s} | {'b64 over orders':>21s} | "
+          f"{'batch effect':>12s} | {'vs FP32 lost/gained':>19s} |")
+    for r in report["rows"]:
+        if r.get("top1") is None:
+            continue
+        orders = (f"{r['top1_b64_mean']:6.2f} [{r['top1_b64_min']:.2f}-{r['top1_b64_max']:.2f}]"
+                  if r["batch_dependent"] else "(batch-independent)")
+        b1 = f"{r['top1_b1']:6.2f}{'*' if r['top1_b1_measured'] else ' '}"
+        flips = f"{r.get('vs_fp32_lost', 0)} / {r.get('vs_fp32_gained', 0)}"
+        print(f"| {r['variant']:44s} | {r['top1']:6.2f} | {b1:>7s} | {orders:>21s} | "
+              f"{r['batch_effect']:12.1e} | {flips:>19s} |")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,16 @@ def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
         assert row["b1_p90_ms"] >= row["b1_median_ms"] > 0 and row["b64_median_ms"] > 0
     assert set(report["verdict"]) == set(ours)
     assert report["skipped"].get("PT2E X86InductorQuantizer") == "--skip-compile"
+    # accuracy at each timed batch size; dynamic peers re-evaluated at b1 and over batch orders
+    rows = {r["variant"]: r for r in report["rows"]}
+    dynamic = rows["ORT quantize_dynamic"]
+    assert dynamic["batch_dependent"] and dynamic["top1_b1_measured"] and dynamic["batch_orders"] == 10
+    assert dynamic["batch_effect"] > 0 and dynamic["top1_b64_min"] <= dynamic["top1_b64_mean"] <= dynamic["top1_b64_max"]
+    for name in ours:  # static: same logits whatever the batch, and b1 measured, not assumed
+        assert not rows[name]["batch_dependent"] and rows[name]["batch_effect"] < 1e-3
+        assert rows[name]["top1_b1_measured"] and rows[name]["top1_b1"] == rows[name]["top1"]
+        assert rows[name]["vs_fp32_lost"] + rows[name]["vs_fp32_gained"] <= 20
+        for b in ("b1", "b64"):
+            assert isinstance(report["verdict"][name][b]["accuracy"]["met"], bool)
+        assert 0.0 <= report["verdict"][name]["image_order_b64"]["mcnemar_p"] <= 1.0
+    assert "McNemar exact p" in result.stdout
