@@ -57,8 +57,8 @@ from bvvit.quant.storage import load_quantized_model, save_float_model, save_qua
 
 DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
-                   "sqnr_db", "kl_div", "size_bytes", "size_ratio", "latency_ms_b1",
-                   "latency_ms_b64", "kernel", "calibration_time_s"]
+                   "lost_vs_fp32", "gained_vs_fp32", "drop_p_value", "sqnr_db", "kl_div", "size_bytes",
+                   "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s"]
 
 
 @dataclass
@@ -172,7 +172,8 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
                                                 device=device, progress=job.progress)
     fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
     fp_bytes = fp_file["size_bytes"]
-    fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "sqnr_db": math.inf, "kl_div": 0.0})
+    fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "lost_vs_reference": 0,
+                       "gained_vs_reference": 0, "drop_p_value": 1.0, "sqnr_db": math.inf, "kl_div": 0.0})
     variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
     print(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 
@@ -276,6 +277,8 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
                      "top1": round(acc["top1"], 4), "top5": None,
                      "top1_drop": round(fp_top1 - acc["top1"], 4),
                      "agreement": round(acc.get("agreement_with_fp32", float("nan")), 4),
+                     "lost_vs_fp32": acc.get("lost_vs_fp32"), "gained_vs_fp32": acc.get("gained_vs_fp32"),
+                     "drop_p_value": _p(acc.get("drop_p_value")),
                      "sqnr_db": acc.get("sqnr_db_vs_sim"), "kl_div": None, "size_bytes": size,
                      "size_ratio": round(size / fp_bytes, 4) if size else None,
                      "latency_ms_b1": latency.get((acc_key, 1)), "latency_ms_b64": latency.get((acc_key, 64)),
@@ -400,6 +403,8 @@ def _summary(job: PTQJob, loaded: LoadedModel, data_desc: str, calib_indices: li
             "recipe": v.config.recipe if v.config else "float",
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4),
             "top1_drop": round(m["top1_drop"], 4), "agreement": round(m["agreement"], 4),
+            "lost_vs_fp32": m.get("lost_vs_reference"), "gained_vs_fp32": m.get("gained_vs_reference"),
+            "drop_p_value": _p(m.get("drop_p_value")),
             "sqnr_db": m["sqnr_db"], "kl_div": m["kl_div"],
             "size_bytes": size, "size_ratio": round(size / fp_bytes, 4) if size else None,
             "latency_ms_b1": _lat(lat, 1), "latency_ms_b64": _lat(lat, 64),
@@ -433,6 +438,11 @@ def _summary(job: PTQJob, loaded: LoadedModel, data_desc: str, calib_indices: li
     })
 
 
+def _p(value: Optional[float]) -> Optional[float]:
+    """A p-value to 4 significant digits (tiny ones stay visible, unlike round(p, 4))."""
+    return None if value is None else float(f"{value:.4g}")
+
+
 def _lat(lat: dict[int, Any], batch: int) -> Optional[float]:
     entry = lat.get(batch)
     return round(entry["median_ms"], 4) if entry else None
@@ -448,13 +458,15 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'name':<16}{'top1':>8}{'drop':>8}{'agree':>8}{'SQNR dB':>9}{'size KiB':>10}" \
-             f"{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
+    header = f"{'name':<16}{'top1':>8}{'drop':>8}{'agree':>8}{'lost/gain':>11}{'p':>6}{'SQNR dB':>9}" \
+             f"{'size KiB':>10}{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
     lines = [header, "-" * len(header)]
     for r in rows:
         sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else \
             "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        flips = "-" if r.get("lost_vs_fp32") is None else f"{r['lost_vs_fp32']}/{r['gained_vs_fp32']}"
+        p = "-" if r.get("drop_p_value") is None else f"{r['drop_p_value']:.2f}"
         lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
-                     f"{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
+                     f"{flips:>11}{p:>6}{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
                      f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bvvit.metrics import kl_divergence, sqnr_db
+from bvvit.evaluate.significance import paired_comparison
 
 ModelOrFn = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -107,7 +108,10 @@ def classification_metrics(
 
     With ``reference_logits`` (same shape, same image order, e.g. the float model's) also:
     ``reference_top1``, ``top1_drop`` (reference top1 - top1, points), ``agreement``
-    (percent of images with the same top-1 class), ``sqnr_db``
+    (percent of images with the same top-1 class), ``lost_vs_reference`` /
+    ``gained_vs_reference`` (images only the reference / only these logits classify
+    correctly), ``drop_p_value`` (McNemar exact test on those two counts: how likely a
+    difference at least this uneven is by chance), ``sqnr_db``
     (10 log10(sum ref^2 / sum (ref - test)^2); ``inf`` when identical) and ``kl_div``
     (mean KL(softmax(ref) || softmax(test)), nats).
     """
@@ -168,6 +172,9 @@ def classification_metrics(
         metrics["top1_drop"] = reference_top1 - top1
         metrics["agreement"] = _percent(
             int((reference_predictions == predictions).sum()), num_images)
+        paired = paired_comparison(reference_predictions == labels_t, predictions == labels_t)
+        metrics["lost_vs_reference"], metrics["gained_vs_reference"] = paired.only_a, paired.only_b
+        metrics["drop_p_value"] = paired.p_value
         metrics["sqnr_db"] = sqnr_db(reference_t, logits_t)
         metrics["kl_div"] = kl_divergence(reference_t, logits_t)
     return metrics

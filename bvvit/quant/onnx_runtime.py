@@ -26,6 +26,7 @@ from bvvit.errors import BVViTError, CheckpointError
 from bvvit.evaluate.classification import collect_logits, sqnr_db
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
+from bvvit.evaluate.significance import paired_comparison
 from bvvit.io import atomic_path
 from bvvit.quant.export import (DEFAULT_OPSET, export_float_onnx, export_qdq_onnx,
                                 export_w4_weight_only_onnx)
@@ -213,6 +214,14 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * int((a.argmax(1) == b.argmax(1)).sum()) / a.shape[0]
 
 
+def _vs_fp32(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Top-1 and the paired comparison with the float model on the same images."""
+    paired = paired_comparison(fp_logits.argmax(1) == labels, logits.argmax(1) == labels)
+    return {"top1": _top1(logits, labels), "agreement_with_fp32": _agreement(logits, fp_logits),
+            "lost_vs_fp32": paired.only_a, "gained_vs_fp32": paired.only_b,
+            "drop_p_value": paired.p_value}
+
+
 def _batch_of(loader: Iterable, size: int) -> torch.Tensor:
     """``size`` real images from the loader (repeated when it has fewer)."""
     images: list[torch.Tensor] = []
@@ -252,7 +261,8 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
       the fastest file), ``w4`` when exported)
     - ``size_bytes``: variant -> file size; ``size_ratio_to_fp32``: variant -> size / fp32 size
     - ``accuracy``: variant (``pytorch_fp32``, ``pytorch_w8a8_sim``, ``ort_fp32``, ``ort_w8a8``,
-      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement_with_fp32"}`` (percent); ort_w8a8 adds
+      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement_with_fp32"}`` (percent),
+      ``lost_vs_fp32`` / ``gained_vs_fp32`` (images) and ``drop_p_value`` (McNemar); ort_w8a8 adds
       ``agreement_with_sim`` and ``sqnr_db_vs_sim``, ort_fp32 ``max_abs_diff_vs_pytorch``
     - ``checks``: ``fp32_top1_delta`` (ORT - PyTorch, points), ``fp32_within_0.01``,
       ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops`` (bool)
@@ -314,13 +324,11 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
                          f"{tuple(sim_logits.shape)} do not match the loader's "
                          f"{tuple(logits['fp32'].shape)}")
     accuracy = {
-        "pytorch_fp32": {"top1": _top1(fp_logits, labels), "agreement_with_fp32": 100.0},
-        "pytorch_w8a8_sim": {"top1": _top1(sim_logits, labels),
-                             "agreement_with_fp32": _agreement(sim_logits, fp_logits)},
+        "pytorch_fp32": _vs_fp32(fp_logits, fp_logits, labels),
+        "pytorch_w8a8_sim": _vs_fp32(sim_logits, fp_logits, labels),
     }
     for name in files:
-        accuracy[f"ort_{name}"] = {"top1": _top1(logits[name], labels),
-                                   "agreement_with_fp32": _agreement(logits[name], fp_logits)}
+        accuracy[f"ort_{name}"] = _vs_fp32(logits[name], fp_logits, labels)
     accuracy["ort_fp32"]["max_abs_diff_vs_pytorch"] = float((logits["fp32"] - fp_logits).abs().max())
     accuracy["ort_w8a8"]["agreement_with_sim"] = _agreement(logits["w8a8"], sim_logits)
     accuracy["ort_w8a8"]["sqnr_db_vs_sim"] = _finite(sqnr_db(sim_logits, logits["w8a8"]))

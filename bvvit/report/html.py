@@ -14,7 +14,7 @@ from bvvit.report.plots import (FLOAT, SIMULATED, Figure, display_name, fp_row, 
                                 main_series, num, rows_of, signed)
 
 HEADLINE_COLUMNS = ["Variant", "W / A bits", "Recipe", "Top-1 %", "Top-5 %", "Top-1 drop (pts)",
-                    "Agreement %", "SQNR dB", "File size", "Size ratio", "Latency b1 (ms)",
+                    "Agreement %", "Lost / gained vs FP32 (p)", "SQNR dB", "File size", "Size ratio", "Latency b1 (ms)",
                     "Latency b64 (ms)", "Kernel"]
 
 
@@ -36,6 +36,16 @@ def _size(value: Any) -> str:
     return f"{number / 1024:.1f} KiB" if number < 1 << 20 else f"{number / (1 << 20):.2f} MiB"
 
 
+def _flips(row: dict[str, Any]) -> str:
+    """"12 / 9 (p 0.66)": images only FP32 / only this variant gets right, and the McNemar
+    exact p-value of that split (small p: the accuracy change is not chance)."""
+    lost, gained, p = num(row.get("lost_vs_fp32")), num(row.get("gained_vs_fp32")), num(row.get("drop_p_value"))
+    if lost is None or gained is None:
+        return "—"
+    text = f"{int(lost)} / {int(gained)}"
+    return text if p is None else f"{text} (p {p:.2g})" if p < 0.01 else f"{text} (p {p:.2f})"
+
+
 def headline_rows(summary: dict[str, Any]) -> list[list[str]]:
     """One row of display strings per summary row (see :data:`HEADLINE_COLUMNS`)."""
     out = []
@@ -44,7 +54,7 @@ def headline_rows(summary: dict[str, Any]) -> list[list[str]]:
         out.append([display_name(r["name"]), "32 / 32" if is_float else f"{r['w_bits']} / {r['a_bits']}",
                     r.get("recipe", ""), _fmt(r.get("top1")), _fmt(r.get("top5")),
                     "—" if is_float else signed(num(r.get("top1_drop")) or 0.0),
-                    _fmt(r.get("agreement")), _fmt(r.get("sqnr_db"), 1), _size(r.get("size_bytes")),
+                    _fmt(r.get("agreement")), "—" if is_float else _flips(r), _fmt(r.get("sqnr_db"), 1), _size(r.get("size_bytes")),
                     _fmt(r.get("size_ratio"), 3), _fmt(r.get("latency_ms_b1")), _fmt(r.get("latency_ms_b64")),
                     r.get("kernel") or ""])
     return out

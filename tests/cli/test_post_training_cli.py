@@ -35,6 +35,13 @@ def test_end_to_end(trained, tmp_path):
                    "sqnr_db", "size_bytes", "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel"):
         assert column in rows[0]
     assert rows[0]["kernel"] == "float" and rows[1]["kernel"] == "simulated"
+    # images lost / gained against FP32 and the McNemar p: consistent with the top-1 columns
+    images = json.loads((tmp_path / "summary.json").read_text())["num_eval_images"]
+    for row in rows[1:]:
+        lost, gained, p = int(row["lost_vs_fp32"]), int(row["gained_vs_fp32"]), float(row["drop_p_value"])
+        net = (float(row["top1"]) - float(rows[0]["top1"])) * images / 100
+        assert gained - lost == round(net) and 0.0 < p <= 1.0, row
+    assert (rows[0]["lost_vs_fp32"], rows[0]["gained_vs_fp32"], rows[0]["drop_p_value"]) == ("0", "0", "1.0")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["calibration"]["split"] == "train" and len(summary["calibration"]["indices"]) == 16
     assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "vit"  # the default

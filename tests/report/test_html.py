@@ -80,9 +80,14 @@ def test_tables_say_what_the_summary_says(report):
     out, path, summary, analysis = report
     page = path.read_text()
     for row, cells in zip(summary["rows"], headline_rows(summary)):
-        assert cells[3] == f"{row['top1']:.2f}" and cells[12] == row["kernel"]
-        assert all(f">{cell}<" in page.replace("&#x27;", "'") for cell in cells[:12])
-    assert headline_rows(summary)[1][5] == "+1.30" and headline_rows(summary)[0][7] == "∞"
+        assert cells[3] == f"{row['top1']:.2f}" and cells[13] == row["kernel"]
+        assert all(f">{cell}<" in page.replace("&#x27;", "'") for cell in cells[:13])
+    assert headline_rows(summary)[1][5] == "+1.30" and headline_rows(summary)[0][8] == "∞"
+    # images lost / gained against FP32 and the McNemar p of that split
+    flips = {row["name"]: cells[7] for row, cells in zip(summary["rows"], headline_rows(summary))}
+    assert flips["fp32"] == "—" and flips["w8a8"] == "0 / 0 (p 1.00)"
+    assert flips["w4a4"] == "36 / 10 (p 0.00016)"  # 26 images net: not chance
+    assert flips["w8a8-ort"] == "2 / 0 (p 0.50)"  # 2 images: could be
     groups = coverage_groups(summary)
     # mse at 4, 6 and 8 bits share one layout; the int8 runtime row and minmax are separate.
     assert [g["variants"] for g in groups] == [["W4A4", "W6A6", "W8A8", "W8A8-ort"], ["W4A4-minmax"]]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from bvvit.evaluate.significance import mcnemar_exact_p
 from bvvit.report import write_report
 from bvvit.report.plots import (PLOTS_DIR, accuracy_caption, confusion_caption, latency_caption,
                                 make_figures, pareto_front, per_class_caption, plot_activation_histograms,
@@ -53,8 +54,11 @@ def make_summary():
     for name, (recipe, bits, kernel, correct, agreement, sqnr, size, b1, b64) in VARIANTS.items():
         top1 = 100.0 * sum(correct) / n
         is_float = recipe == "float"
+        lost = sum(max(0, f - c) for f, c in zip(VARIANTS["fp32"][3], correct))
+        gained = sum(max(0, c - f) for f, c in zip(VARIANTS["fp32"][3], correct))
         rows.append({"name": name, "w_bits": bits, "a_bits": bits, "recipe": recipe, "top1": top1,
                      "top5": 100.0, "top1_drop": 0.0 if is_float else fp_top1 - top1, "agreement": agreement,
+                     "lost_vs_fp32": lost, "gained_vs_fp32": gained, "drop_p_value": mcnemar_exact_p(lost, gained),
                      "sqnr_db": sqnr, "kl_div": 0.0 if is_float else 0.01 / bits, "size_bytes": size,
                      "size_ratio": round(size / 400_000, 4), "latency_ms_b1": b1, "latency_ms_b64": b64,
                      "kernel": kernel, "calibration_time_s": 0.0 if is_float else 1.5})
@@ -173,12 +177,17 @@ def test_accuracy_figure_shows_the_summary_rows(report):
 def test_accuracy_captions_use_this_runs_numbers(report):
     _, summary, _, figures = report
     expected = ("W4A4 loses 1.30 points of top-1 against FP32's 90.00%; W6A6 and above stay within "
-                "0.10 of FP32, while the naive minmax baseline loses 10.00 there.")
+                "0.10 of FP32, while the naive minmax baseline loses 10.00 there; beyond chance "
+                "(McNemar exact p < 0.05) only W4A4 (36 images lost, 10 gained, p 0.00016).")
     assert accuracy_caption(summary) == figures["accuracy"].caption == expected
     better = make_summary()
     for row in better["rows"]:
         row["top1_drop"] = min(row["top1_drop"], 0.05)
     assert accuracy_caption(better).startswith("Every mse bit depth stays within 0.10 points of FP32's top-1")
+    for row in better["rows"]:
+        row["drop_p_value"] = max(row["drop_p_value"], 0.2)
+    assert accuracy_caption(better).endswith("; no change from FP32 is beyond chance (McNemar exact "
+                                             "test on the images each gets right, p >= 0.05).")
     assert figures["drop"].caption.startswith("Top-1 agreement with FP32 goes from 95.50% at W4A4 to 100.00% "
                                               "at W8A8 (mse), the largest top-1 drop is +10.00 points "
                                               "(W4A4-minmax)")
