@@ -465,7 +465,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else \
             "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         flips = "-" if r.get("lost_vs_fp32") is None else f"{r['lost_vs_fp32']}/{r['gained_vs_fp32']}"
-        p = "-" if r.get("drop_p_value") is None else f"{r['drop_p_value']:.2f}"
+        p = "-" if r.get("drop_p_value") is None else \
+            f"{r['drop_p_value']:.2f}" if r["drop_p_value"] >= 0.01 else "<.01"
         lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
                      f"{flips:>11}{p:>6}{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
                      f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")

@@ -81,13 +81,13 @@ def accuracy_caption(summary: dict[str, Any]) -> str:
     if baseline:
         text += (f", while the naive {baseline[0]['recipe']} baseline loses "
                  f"{num(baseline[0]['top1_drop']):.2f} there")
-    return text + _significance(rows) + "."
+    return text + _significance(rows, main_recipe(summary)) + "."
 
 
 SIGNIFICANT = 0.05  # McNemar exact p below which an accuracy change is called real
 
 
-def _significance(rows: list[dict[str, Any]]) -> str:
+def _significance(rows: list[dict[str, Any]], recipe: Optional[str]) -> str:
     """Which of these variants differ from FP32 by more than chance (paired test per image),
     as a clause that ends the caption's one sentence."""
     tested = [r for r in rows if num(r.get("drop_p_value")) is not None]
@@ -95,11 +95,12 @@ def _significance(rows: list[dict[str, Any]]) -> str:
         return ""
     real = [r for r in tested if num(r["drop_p_value"]) < SIGNIFICANT]
     if not real:
-        return (f"; no change from FP32 is beyond chance (McNemar exact test on the images "
-                f"each gets right, p >= {SIGNIFICANT})")
+        return (f"; no {recipe} variant differs from FP32 beyond chance (McNemar exact test on "
+                f"the images each gets right, p >= {SIGNIFICANT})")
     listed = ", ".join(f"{bits_label(r)} ({int(num(r['lost_vs_fp32']))} images lost, "
                        f"{int(num(r['gained_vs_fp32']))} gained, p {num(r['drop_p_value']):.2g})" for r in real)
-    return f"; beyond chance (McNemar exact p < {SIGNIFICANT}) only {listed}"
+    return (f"; of the {recipe} variants, {'only ' if len(real) < len(tested) else ''}{listed} "
+            f"differ{'s' if len(real) == 1 else ''} from FP32 beyond chance (McNemar exact p < {SIGNIFICANT})")
 
 
 def plot_accuracy(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], str]:
