@@ -14,7 +14,8 @@ Rows per W/A pair (only pairs with 8-bit activations have peers):
 - torchao ``Int8DynamicActivationInt8WeightConfig`` / ``Int8DynamicActivationInt4WeightConfig``
   (dynamic activations: a per-batch range, not static PTQ; shown for reference).
 A peer that cannot run here is listed with its reason. Top-1 differences of one image are
-100 / N points (printed as the noise floor).
+100 / N points (printed as the noise floor); each row gives the images it loses and gains
+against FP32, and ours is compared with the best peer image by image (McNemar exact test).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data  # noqa: E402
 from bvvit.evaluate.classification import accuracy_noise_floor, evaluate_classifier  # noqa: E402
+from bvvit.evaluate.significance import paired_comparison  # noqa: E402
 from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
@@ -95,6 +97,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                      subset=args.eval_subset), args.batch_size, shuffle=False)
     calib, _ = calibration_loader(source, pre, args.calib_size, seed=0, batch_size=64)
     fp, fp_logits = evaluate_classifier(model, val)
+    labels = torch.cat([batch[1] for batch in val])
+    correct: dict[tuple[int, int, str], torch.Tensor] = {}  # per-image right/wrong, for the paired test
     n = fp["num_images"]
     c = model.config
     desc = f"ViT {c.depth}x{c.embed_dim} patch {c.patch_size}"
@@ -109,17 +113,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     def record(w: int, a: int, method: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor] | torch.nn.Module,
                seconds: float) -> None:
-        metrics, _ = evaluate_classifier(fn, val, reference_logits=fp_logits)
+        metrics, logits = evaluate_classifier(fn, val, reference_logits=fp_logits)
+        correct[(w, a, method)] = logits.argmax(1) == labels
         row = {"w_bits": w, "a_bits": a, "method": method, "kind": kind, "top1": metrics["top1"],
-               "drop": metrics["top1_drop"], "agreement": metrics["agreement"], "quantize_s": seconds}
+               "drop": metrics["top1_drop"], "agreement": metrics["agreement"],
+               "lost_vs_fp32": metrics["lost_vs_reference"], "gained_vs_fp32": metrics["gained_vs_reference"],
+               "drop_p_value": metrics["drop_p_value"], "quantize_s": seconds}
         rows.append(row)
+        flips = f"{row['lost_vs_fp32']}/{row['gained_vs_fp32']}"
         print(f"W{w}A{a:<4}{method:<44}{kind:<22}{row['top1']:>7.2f}{row['drop']:>+7.2f}"
-              f"{row['agreement']:>8.2f}{seconds:>9.1f}", flush=True)
+              f"{row['agreement']:>8.2f}{flips:>10}{seconds:>9.1f}", flush=True)
 
     fp_path = None
     if "ort" not in skip:
         fp_path = export_float_onnx(model, folder / "vit_fp32.onnx", pre, loaded.class_names)
-    print(f"{'W/A':<6}{'method':<44}{'kind':<22}{'top-1':>7}{'drop':>7}{'agree':>8}{'quant s':>9}")
+    print(f"{'W/A':<6}{'method':<44}{'kind':<22}{'top-1':>7}{'drop':>7}{'agree':>8}{'lost/gain':>10}"
+          f"{'quant s':>9}")
     for w, a in pairs:
         for recipe in ("vit", "minmax"):
             start = time.perf_counter()
@@ -162,15 +171,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     print(f"  skipped {label}: {skipped[label]}", flush=True)
     report = {"model": f"{args.model_path} ({desc})", "fp32_top1": fp["top1"], "num_images": n,
               "calib_size": args.calib_size, "threads": torch.get_num_threads(), "rows": rows,
-              "skipped": skipped}
+              "skipped": skipped, "comparisons": []}
     for w, a in pairs:
         ours = next((r for r in rows if (r["w_bits"], r["a_bits"]) == (w, a)
                      and r["method"] == "OURS --recipe vit"), None)
         others = [r for r in rows if (r["w_bits"], r["a_bits"]) == (w, a) and not r["method"].startswith("OURS")]
         if ours and others:
             best = max(others, key=lambda r: r["top1"])
+            test = paired_comparison(correct[(w, a, ours["method"])], correct[(w, a, best["method"])])
+            report["comparisons"].append({"w_bits": w, "a_bits": a, "best_peer": best["method"],
+                                          "diff_points": test.diff_points, "only_ours": test.only_a,
+                                          "only_peer": test.only_b, "mcnemar_p": test.p_value})
             print(f"W{w}A{a}: ours {ours['top1']:.2f} vs best peer {best['top1']:.2f} ({best['method']}): "
-                  f"{ours['top1'] - best['top1']:+.2f} points", flush=True)
+                  f"{ours['top1'] - best['top1']:+.2f} points; {test.only_a} images only ours gets right, "
+                  f"{test.only_b} only it (McNemar exact p = {test.p_value:.2g})", flush=True)
     if args.json:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")

@@ -32,7 +32,13 @@ def test_peers_benchmark_compares_every_method_on_the_same_images(trained, tmp_p
     assert any("PT2E" in name for name in named) and any("torchao" in name for name in named)
     for row in report["rows"]:
         assert 0.0 <= row["top1"] <= 100.0 and 0.0 <= row["agreement"] <= 100.0
-    assert "W8A8: ours" in result.stdout
+    assert "W8A8: ours" in result.stdout and "McNemar exact p" in result.stdout
+    for row in report["rows"]:  # lost / gained against FP32 agree with the top-1 difference
+        net = (row["top1"] - report["fp32_top1"]) * report["num_images"] / 100
+        assert row["gained_vs_fp32"] - row["lost_vs_fp32"] == round(net) and 0 < row["drop_p_value"] <= 1
+    assert {(c["w_bits"], c["a_bits"]) for c in report["comparisons"]} == {(8, 8), (4, 8)}
+    for c in report["comparisons"]:
+        assert 0 < c["mcnemar_p"] <= 1 and c["diff_points"] == pytest.approx((c["only_ours"] - c["only_peer"]) * 5)
 
 
 def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
