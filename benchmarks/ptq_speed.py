@@ -55,6 +55,8 @@ if str(ROOT) not in sys.path:
 
 from bvvit.config import ModelConfig, Preprocessing  # noqa: E402
 from bvvit.evaluate.classification import collect_logits  # noqa: E402
+from bvvit.evaluate.significance import (accuracy_over_batch_orders, paired_comparison,  # noqa: E402
+                                         predict_in_order)
 from bvvit.evaluate.latency import measure_interleaved  # noqa: E402
 from bvvit.evaluate.system import system_info  # noqa: E402
 from bvvit.io import atomic_write_json  # noqa: E402
@@ -63,8 +65,6 @@ from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
 from bvvit.quant.onnx_runtime import (make_session, numpy_fn, optimized_op_report,  # noqa: E402
                                       session_fn)
 from bvvit.quant.quantize import quantize_model  # noqa: E402
-from bvvit.evaluate.significance import (accuracy_over_batch_orders, paired_comparison,  # noqa: E402
-                                         predict_in_order)
 from bvvit.quant.recipes import DEFAULT_RECIPE, make_quant_config  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
@@ -87,7 +87,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="start no further torch.compile peer after this many seconds of compiling")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--out-dir", help="keep the ONNX files here (default: a temp folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_orders < 1:
+        p.error(f"--batch-orders must be >= 1, got {args.batch_orders}")
+    return args
 
 
 # ------------------------------------------------------------------------ model and data
@@ -355,7 +358,8 @@ def accuracy_analysis(variants: list[Variant], val: Any, orders: int,
     return out
 
 
-def build_table(variants: list[Variant], results: list[Any], accuracy: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def build_table(variants: list[Variant], results: list[Any],
+                accuracy: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r.name, r.batch_size): r for r in results}
     fp_size = variants[0].size_bytes
     rows = []

@@ -14,8 +14,8 @@ from bvvit.report.plots import (FLOAT, SIMULATED, Figure, display_name, fp_row, 
                                 main_series, num, rows_of, signed)
 
 HEADLINE_COLUMNS = ["Variant", "W / A bits", "Recipe", "Top-1 %", "Top-5 %", "Top-1 drop (pts)",
-                    "Agreement %", "Lost / gained vs FP32 (p)", "SQNR dB", "File size", "Size ratio", "Latency b1 (ms)",
-                    "Latency b64 (ms)", "Kernel"]
+                    "Agreement %", "Lost / gained vs FP32 (p)", "SQNR dB", "File size", "Size ratio",
+                    "Latency b1 (ms)", "Latency b64 (ms)", "Kernel"]
 
 
 # ------------------------------------------------------------------ shared table builders
@@ -54,7 +54,8 @@ def headline_rows(summary: dict[str, Any]) -> list[list[str]]:
         out.append([display_name(r["name"]), "32 / 32" if is_float else f"{r['w_bits']} / {r['a_bits']}",
                     r.get("recipe", ""), _fmt(r.get("top1")), _fmt(r.get("top5")),
                     "—" if is_float else signed(num(r.get("top1_drop")) or 0.0),
-                    _fmt(r.get("agreement")), "—" if is_float else _flips(r), _fmt(r.get("sqnr_db"), 1), _size(r.get("size_bytes")),
+                    _fmt(r.get("agreement")), "—" if is_float else _flips(r), _fmt(r.get("sqnr_db"), 1),
+                    _size(r.get("size_bytes")),
                     _fmt(r.get("size_ratio"), 3), _fmt(r.get("latency_ms_b1")), _fmt(r.get("latency_ms_b64")),
                     r.get("kernel") or ""])
     return out

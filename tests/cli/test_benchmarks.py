@@ -63,7 +63,8 @@ def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
     rows = {r["variant"]: r for r in report["rows"]}
     dynamic = rows["ORT quantize_dynamic"]
     assert dynamic["batch_dependent"] and dynamic["top1_b1_measured"] and dynamic["batch_orders"] == 10
-    assert dynamic["batch_effect"] > 0 and dynamic["top1_b64_min"] <= dynamic["top1_b64_mean"] <= dynamic["top1_b64_max"]
+    assert dynamic["batch_effect"] > 0
+    assert dynamic["top1_b64_min"] <= dynamic["top1_b64_mean"] <= dynamic["top1_b64_max"]
     for name in ours:  # static: same logits whatever the batch, and b1 measured, not assumed
         assert not rows[name]["batch_dependent"] and rows[name]["batch_effect"] < 1e-3
         assert rows[name]["top1_b1_measured"] and rows[name]["top1_b1"] == rows[name]["top1"]
