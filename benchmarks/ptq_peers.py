@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data  # noqa: E402
-from bvvit.evaluate.classification import accuracy_noise_floor, evaluate_classifier  # noqa: E402
+from bvvit.evaluate.classification import (accuracy_noise_floor, classification_metrics,  # noqa: E402
+                                           collect_logits, evaluate_classifier)
 from bvvit.evaluate.significance import paired_comparison  # noqa: E402
 from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
@@ -96,8 +97,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     val = build_loader(build_dataset(source, "val", build_transform(pre, train=False),
                                      subset=args.eval_subset), args.batch_size, shuffle=False)
     calib, _ = calibration_loader(source, pre, args.calib_size, seed=0, batch_size=64)
-    fp, fp_logits = evaluate_classifier(model, val)
-    labels = torch.cat([batch[1] for batch in val])
+    fp_logits, labels = collect_logits(model, val)
+    fp = classification_metrics(fp_logits, labels)
     correct: dict[tuple[int, int, str], torch.Tensor] = {}  # per-image right/wrong, for the paired test
     n = fp["num_images"]
     c = model.config

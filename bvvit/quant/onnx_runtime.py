@@ -23,10 +23,9 @@ import torch
 
 from bvvit.config import Preprocessing
 from bvvit.errors import BVViTError, CheckpointError
-from bvvit.evaluate.classification import collect_logits, sqnr_db
+from bvvit.evaluate.classification import classification_metrics, collect_logits, sqnr_db
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
-from bvvit.evaluate.significance import paired_comparison
 from bvvit.io import atomic_path
 from bvvit.quant.export import (DEFAULT_OPSET, export_float_onnx, export_qdq_onnx,
                                 export_w4_weight_only_onnx)
@@ -206,20 +205,15 @@ def optimized_op_report(path: str | os.PathLike, threads: Optional[int] = None) 
 
 # ------------------------------------------------------------------------ the pipeline call
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
-
-
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return 100.0 * int((a.argmax(1) == b.argmax(1)).sum()) / a.shape[0]
 
 
 def _vs_fp32(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Top-1 and the paired comparison with the float model on the same images."""
-    paired = paired_comparison(fp_logits.argmax(1) == labels, logits.argmax(1) == labels)
-    return {"top1": _top1(logits, labels), "agreement_with_fp32": _agreement(logits, fp_logits),
-            "lost_vs_fp32": paired.only_a, "gained_vs_fp32": paired.only_b,
-            "drop_p_value": paired.p_value}
+    m = classification_metrics(logits, labels, reference_logits=fp_logits)
+    return {"top1": m["top1"], "agreement_with_fp32": m["agreement"], "lost_vs_fp32": m["lost_vs_reference"],
+            "gained_vs_fp32": m["gained_vs_reference"], "drop_p_value": m["drop_p_value"]}
 
 
 def _batch_of(loader: Iterable, size: int) -> torch.Tensor:
