@@ -4,13 +4,15 @@ Every loader owns a ``torch.Generator``: the shuffle order (and the workers' bas
 come from it, never from the global RNG, so iterating a validation loader does not
 change the training augmentations. ``set_epoch(loader, epoch)`` reseeds it from
 ``(seed, epoch)``: an epoch's order depends on nothing else, which is what exact resume
-needs. Augmentation randomness comes from the global RNG in the main process
-(workers=0) or from each worker's own RNG (workers>0, seeded from the base seed).
+needs. Training augmentation (:class:`SeededAugmentation`) draws from a generator seeded
+per sample from ``(seed, epoch, index)``, never from a worker's RNG: the images a run
+trains on are the same for any number of workers, and after a mid-epoch resume.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,10 +24,48 @@ from bvvit.data.transforms import build_transform
 from bvvit.errors import BVViTError, ConfigError, DataError
 
 
+_MASK64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=64)
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for ``(seed, epoch)`` (seed + epoch would collide)."""
     words = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF]).generate_state(2)
     return (int(words[0]) << 31) ^ int(words[1])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 of the epoch's
+    seed and the index: a few integer operations, so it is cheap enough per image)."""
+    z = (epoch_seed(seed, epoch) + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+class SeededAugmentation(Dataset):
+    """Training items whose random augmentation is a pure function of ``(seed, epoch, index)``.
+
+    Keys are ``(epoch, index)`` pairs (as :class:`bvvit.train.distributed.
+    ShardedEpochSampler` yields them): ``dataset[(epoch, index)]`` reads the raw uint8
+    image ``index`` of ``images`` and applies ``transform(image, generator)`` with a
+    generator seeded by :func:`sample_seed`. Which process reads an item, and what it
+    read before, cannot change the result.
+    """
+
+    def __init__(self, images: Dataset, transform: Callable, seed: int) -> None:
+        self.images = images  # items (uint8 (C, H, W), label)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        image, label = self.images[index]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return self.transform(image, generator), label
 
 
 class SeededLoader(DataLoader):
@@ -128,5 +168,5 @@ def calibration_loader(source: DataSource, pre: Preprocessing, n: int = 256, see
     return loader, indices
 
 
-__all__ = ["SeededLoader", "build_loader", "set_epoch", "calibration_indices",
+__all__ = ["SeededLoader", "SeededAugmentation", "sample_seed", "build_loader", "set_epoch", "calibration_indices",
            "calibration_loader", "epoch_seed"]

@@ -3,8 +3,9 @@
 Geometry uses ``torchvision.transforms.v2.functional`` (the random-resized crop calls
 ``torch.nn.functional.interpolate`` directly); the transform classes of v2 are not used
 because their per-call dispatch costs 10-40 us each, more than the work on a 28x28
-image. Random parameters come from torch's global RNG, so ``torch.manual_seed`` makes a
-run reproducible. Normalisation is one ``addcmul`` on the uint8 image. Measured per
+image. Random parameters come from the ``generator`` passed to the call (training draws
+one per sample, seeded from (seed, epoch, index): see :class:`bvvit.data.loaders.
+SeededAugmentation`), or from torch's global RNG without one. Normalisation is one ``addcmul`` on the uint8 image. Measured per
 28x28 image on one CPU thread: eval ~6 us, light ~20 us, strong ~35 us.
 
 Pipelines (S = img_size):
@@ -21,6 +22,7 @@ Pipelines (S = img_size):
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torchvision.transforms import v2
@@ -65,21 +67,24 @@ class ImageTransform:
         self._scale = (1.0 / (255.0 * std)).contiguous()
         self._shift = (-mean / std).contiguous()
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """uint8 ``(C, H, W)`` -> float32 ``(in_chans, S, S)``; random choices are drawn
+        from ``generator`` (None: torch's global RNG)."""
         if image.dtype != torch.uint8:
             raise TypeError(f"expected a uint8 (C, H, W) image, got {image.dtype}")
         if image.shape[-3] == 3 and self.pre.in_chans == 1:
             image = F.rgb_to_grayscale(image)  # before resizing: a third of the work
         if self.mode == "strong":
-            image = self._random_resized_crop(image)
-            flip = torch.rand(()).item() < 0.5
+            image = self._random_resized_crop(image, generator)
+            flip = torch.rand((), generator=generator).item() < 0.5
         else:
             image = self._resize_centre_crop(image)
             flip = False
             if self.mode == "light":
-                image, flip = self._random_padded_crop(image)
+                image, flip = self._random_padded_crop(image, generator)
             elif self.mode == "flip":
-                flip = torch.rand(()).item() < 0.5
+                flip = torch.rand((), generator=generator).item() < 0.5
         if flip:
             image = F.horizontal_flip(image)
         if image.shape[-3] not in (1, self.pre.in_chans):
@@ -99,13 +104,14 @@ class ImageTransform:
             image = F.center_crop(image, [self.size, self.size])
         return image
 
-    def _random_padded_crop(self, image: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _random_padded_crop(self, image: torch.Tensor,
+                            generator: Optional[torch.Generator]) -> tuple[torch.Tensor, bool]:
         """Crop S x S at a uniform offset from the image zero-padded by ``pad`` on each
         side (without building the padded image); also draws the flip coin."""
         size, pad = self.size, self.pad
         span = 2 * pad + 1
         # one RNG call for the row offset, column offset and flip (each uniform)
-        draw = int(torch.randint(0, span * span * 2, ()))
+        draw = int(torch.randint(0, span * span * 2, (), generator=generator))
         flip, draw = draw % 2 == 1, draw // 2
         dy, dx = draw // span - pad, draw % span - pad
         if dy == 0 and dx == 0:
@@ -115,8 +121,9 @@ class ImageTransform:
             image[:, max(0, dy):size + min(0, dy), max(0, dx):size + min(0, dx)]
         return out, flip
 
-    def _random_resized_crop(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, height, width = _resized_crop_box(*image.shape[-2:])
+    def _random_resized_crop(self, image: torch.Tensor,
+                             generator: Optional[torch.Generator]) -> torch.Tensor:
+        top, left, height, width = _resized_crop_box(*image.shape[-2:], generator)
         crop = image[None, :, top:top + height, left:left + width].to(torch.float32)
         # torch's interpolate in float: F.resize's dispatch and uint8 round trip cost
         # more than the resize itself at 28x28; antialiasing only matters when shrinking
@@ -135,12 +142,15 @@ class ImageTransform:
                 f"mean={self.pre.mean}, std={self.pre.std})")
 
 
-def _resized_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
+def _resized_crop_box(height: int, width: int,
+                      generator: Optional[torch.Generator] = None) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (torchvision's algorithm): area fraction uniform in
     STRONG_SCALE, aspect ratio log-uniform in STRONG_RATIO, 10 tries, then the largest
-    centre crop within the ratio range. All randomness is one global-RNG draw."""
+    centre crop within the ratio range. All randomness is one draw from ``generator``
+    (None: the global RNG)."""
     area = height * width
-    for u_area, u_ratio, u_top, u_left in torch.rand(10, 4, dtype=torch.float64).tolist():
+    draws = torch.rand(10, 4, dtype=torch.float64, generator=generator)
+    for u_area, u_ratio, u_top, u_left in draws.tolist():
         target_area = area * (STRONG_SCALE[0] + u_area * (STRONG_SCALE[1] - STRONG_SCALE[0]))
         aspect = math.exp(_LOG_RATIO[0] + u_ratio * (_LOG_RATIO[1] - _LOG_RATIO[0]))
         w = int(round(math.sqrt(target_area * aspect)))

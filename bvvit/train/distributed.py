@@ -10,6 +10,8 @@ gradients, we only shard the data and reduce the metrics.
 same images a single process with batch ``B`` sees at step ``s``. So a 2-process run
 matches a 1-process run with the same global batch, and a resume may use any number of
 ranks. ``set_start_step`` skips the batches an interrupted epoch already trained on.
+It yields ``(epoch, index)`` keys, from which :class:`bvvit.data.loaders.SeededAugmentation`
+seeds each image's augmentation: a sample looks the same on any rank and in any worker.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ def per_rank_batch(global_batch: int, info: DistInfo) -> int:
 
 
 
-class ShardedEpochSampler(Sampler[int]):
-    """Shuffled, rank-sharded indices; whole global batches only (drop_last)."""
+class ShardedEpochSampler(Sampler[tuple[int, int]]):
+    """Shuffled, rank-sharded ``(epoch, index)`` keys; whole global batches only (drop_last)."""
 
     def __init__(self, num_samples: int, global_batch: int, info: DistInfo, seed: int = 0):
         self.num_samples = num_samples
@@ -106,12 +108,13 @@ class ShardedEpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.local_batch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         perm = torch.randperm(self.num_samples, generator=generator)
         used = perm[: self.steps_per_epoch * self.global_batch]  # whole global batches
         mine = used[self.info.rank :: self.info.world_size]
-        return iter(mine[self.start_step * self.local_batch :].tolist())
+        epoch = self.epoch
+        return ((epoch, index) for index in mine[self.start_step * self.local_batch :].tolist())
 
 
 class ShardSampler(Sampler[int]):

@@ -1,9 +1,10 @@
 """The training run behind ``run.py``: data, model, optimizer, epochs, checkpoints, logs.
 
 ``fit(model_config, train_config, source)`` is the whole job; the CLI only parses flags.
-Exactness of resume comes from three rules: every epoch reseeds the global RNG and the
-loader's shuffle from ``(seed, epoch)``; optimizer, scheduler and scaler states travel in
-the checkpoint; the metric history travels with them.
+Exactness of resume comes from four rules: every epoch reseeds the global RNG (dropout,
+drop-path) and the loader's shuffle from ``(seed, epoch)``; each image's augmentation is
+seeded from ``(seed, epoch, index)``, whichever worker reads it; optimizer, scheduler, scaler
+and RNG states travel in the checkpoint; the metric history travels with them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from bvvit import __version__
 from bvvit.config import ModelConfig, Preprocessing, TrainConfig
 from bvvit.data import (DataSource, build_dataset, build_loader, build_transform, set_epoch)
-from bvvit.data.loaders import epoch_seed
+from bvvit.data.loaders import SeededAugmentation, epoch_seed
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.evaluate.system import library_versions
 from bvvit.io import atomic_write_json, load_torch_file
@@ -148,8 +149,9 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     torch.manual_seed(cfg.seed)
 
     pre: Preprocessing = source.default_preprocessing(model_cfg.img_size)
-    train_set = build_dataset(source, "train", build_transform(pre, train=True, augment=cfg.augment),
-                              subset=cfg.train_subset)
+    # augmentation is seeded per (seed, epoch, image): the same for any --workers and on resume
+    train_set = SeededAugmentation(build_dataset(source, "train", subset=cfg.train_subset),
+                                   build_transform(pre, train=True, augment=cfg.augment), cfg.seed)
     val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=cfg.val_subset)
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training split "
@@ -217,7 +219,8 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     run_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(epoch_seed(cfg.seed + 7919 * info.rank, epoch))  # ranks augment differently
+            # model randomness (dropout, drop-path); ranks draw different masks
+            torch.manual_seed(epoch_seed(cfg.seed + 7919 * info.rank, epoch))
             set_epoch(train_loader, epoch)
             state = None
             if partial is not None:  # continue an interrupted epoch exactly where it stopped
