@@ -16,17 +16,20 @@ every other model tensor           float32 (or float16 with ``float_dtype="fp16"
 =================================  ==========================================================
 
 The safetensors metadata entry ``bvvit`` is JSON: format version, model config, class
-names, preprocessing, the full QuantConfig, each packed weight's shape/bits/range and
-every calibrated activation quantizer's qparams. :func:`load_quantized_model` rebuilds
-the quantized model from the file alone; its logits equal the saved model's bit for bit.
+names, preprocessing, the full QuantConfig, each packed weight's shape/bits/range, every
+calibrated activation quantizer's qparams, and (format 3) ``tensors_sha256``, the content
+hash of the tensors (:func:`tensors_sha256`). :func:`load_quantized_model` checks that hash
+and rebuilds the quantized model from the file alone; its logits equal the saved model's
+bit for bit. Files of formats 1 and 2 (no hash) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -42,7 +45,7 @@ from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bi
 from bvvit.quant.primitives import QParams, granularity_from_dict, granularity_to_dict
 
 FORMAT = "bvvit-quantized"
-FORMAT_VERSION = 2  # 2: per-layer metadata factored (common + each); 1 still loads
+FORMAT_VERSION = 3  # 3: tensors_sha256; 2: per-layer metadata factored (common + each); 1, 2 load
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -93,6 +96,22 @@ def quantized_tensors(qmodel: nn.Module, float_dtype: str = "fp32") -> tuple[dic
     return tensors, weights_meta
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of ``tensors``, independent of any file layout: for each name in sorted
+    order its name, dtype and shape (length-prefixed JSON), then its bytes (C order, the
+    machine's little-endian layout that safetensors stores). Hashes each tensor's own memory
+    (a contiguous CPU tensor is not copied), so ViT-B's tensors hash at disk-read speed."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]).encode()
+        digest.update(len(header).to_bytes(8, "little") + header)
+        if tensor.numel():
+            flat = tensor.cpu().contiguous().reshape(-1)  # views when already contiguous on the CPU
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_quantized_model(path: str | os.PathLike, qmodel: nn.Module, cfg: QuantConfig, loaded: Any,
                          report: Any = None, float_dtype: str = "fp32") -> dict[str, Any]:
     """Write the packed file; returns its real size and a breakdown by part.
@@ -113,13 +132,13 @@ def save_quantized_model(path: str | os.PathLike, qmodel: nn.Module, cfg: QuantC
         "model_config": loaded.config.to_dict(), "class_names": list(loaded.class_names),
         "preprocessing": loaded.preprocessing.to_dict(), "quant_config": cfg.to_dict(),
         "weights": _factor(weights_meta), "activations": _factor(activations),
-        "float_dtype": float_dtype,
+        "float_dtype": float_dtype, "tensors_sha256": tensors_sha256(tensors),
     }
     metadata = {"bvvit": json.dumps(meta, separators=(",", ":"))}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    return file_breakdown(path, tensors, metadata, qmodel)
+    return {**file_breakdown(path, tensors, metadata, qmodel), "tensors_sha256": meta["tensors_sha256"]}
 
 
 def _factor(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -213,6 +232,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def check_content_hash(path: str | os.PathLike, meta: dict[str, Any],
+                       tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise CheckpointError (one line) when ``tensors`` do not hash to the metadata's
+    ``tensors_sha256`` (format >= 3; older files carry no hash and are not checked)."""
+    if int(meta.get("format_version", 1)) < 3:
+        return
+    expected = meta.get("tensors_sha256")
+    if not isinstance(expected, str):
+        raise CheckpointError(f"quantized model {path} has no content hash in its metadata; "
+                              "re-create it with post_training.py")
+    actual = tensors_sha256(tensors)
+    if actual != expected:
+        raise CheckpointError(f"quantized model {path} was modified or damaged after it was written "
+                              f"(its tensors hash to {actual[:12]}, the file records {expected[:12]}); "
+                              "re-create it with post_training.py")
+
+
 def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, dict[str, Any]]:
     """Rebuild the quantized model from the file alone. Returns (model, metadata)."""
     from safetensors.torch import load_file
@@ -226,6 +262,7 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"quantized model {path} cannot be read ({first[:120]}); "
                               "it may be truncated or corrupt") from None
+    check_content_hash(path, meta, tensors)
     try:
         model_cfg = ModelConfig.from_dict(meta["model_config"])
         cfg = QuantConfig.from_dict(meta["quant_config"])
@@ -264,4 +301,4 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
 
 
 __all__ = ["save_quantized_model", "load_quantized_model", "read_metadata", "save_float_model",
-           "quantized_tensors"]
+           "quantized_tensors", "tensors_sha256", "check_content_hash"]
