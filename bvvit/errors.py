@@ -22,3 +22,11 @@ class DataError(BVViTError):
 
 class CheckpointError(BVViTError):
     """A checkpoint or model file that is missing, corrupt or of the wrong kind."""
+
+
+class WriteError(BVViTError):
+    """An output that cannot be written (full disk, quota, read-only or unwritable folder)."""
+
+    def __init__(self, message: str, errno: int = 0):
+        super().__init__(message)
+        self.errno = errno

@@ -1,7 +1,10 @@
 """Safe file I/O shared by every stage: atomic writes and weights-only checkpoint loading.
 
-Writes go to a temporary file in the destination folder, are flushed to disk, then
-renamed into place, so a crash never leaves a half-written file under the real name.
+Writes go to a temporary file in the destination folder (``.NAME.XXXXXXXX.tmp``), are
+flushed to disk, then renamed into place, so a crash never leaves a half-written file under
+the real name (a kill -9 may leave the temporary file: :func:`is_temporary_name` tells
+them apart, and :mod:`bvvit.run_dir` removes them when a run claims its folder).
+:func:`recording_writes` collects the paths written meanwhile (a run's manifest).
 Loading uses ``torch.load(..., weights_only=True)``: a checkpoint can carry tensors,
 numbers, strings, lists and dicts, never code.
 """
@@ -10,22 +13,52 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from bvvit.errors import BVViTError, CheckpointError
+from bvvit.errors import BVViTError, CheckpointError, WriteError
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# tempfile.mkstemp's names: PREFIX + 8 characters of [a-z0-9_] + SUFFIX
+_TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+_recorders: list[tuple[list[Path], Optional[Callable[[Path], None]]]] = []
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a temporary name of :func:`atomic_path` (``.NAME.XXXXXXXX.tmp``)."""
+    return bool(_TEMPORARY_NAME.match(name))
+
+
+@contextlib.contextmanager
+def recording_writes(on_write: Optional[Callable[[Path], None]] = None) -> Iterator[list[Path]]:
+    """Yield a list that collects the path of every file :func:`atomic_path` completes
+    while the block runs (nested blocks each get every write); ``on_write(path)`` is also
+    called after each one (its own writes are recorded and reported too)."""
+    entry: tuple[list[Path], Optional[Callable[[Path], None]]] = ([], on_write)
+    _recorders.append(entry)
+    try:
+        yield entry[0]
+    finally:
+        _recorders[:] = [e for e in _recorders if e is not entry]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (no copy of the whole file in memory)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @contextlib.contextmanager
@@ -35,8 +68,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    _ensure_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) if exc.errno in WRITE_ERRNOS else exc from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -47,16 +83,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
-            raise BVViTError(f"cannot write {path}: {exc.strerror or exc}; the previous version "
-                             "(if any) is intact — free disk space or choose another folder") from None
+        if exc.errno in WRITE_ERRNOS:
+            raise _write_error(path, exc) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for written, on_write in list(_recorders):
+        written.append(path)
+        if on_write is not None:
+            on_write(path)
 
 
-def _ensure_dir(folder: Path) -> None:
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {exc.strerror or exc}; the previous version "
+                      "(if any) is intact — free disk space or choose another folder", exc.errno or 0)
+
+
+def ensure_dir(folder: Path) -> None:
+    """Create ``folder`` (and its parents); one-line BVViTError when that is impossible."""
     if folder.exists() and not folder.is_dir():
         raise BVViTError(f"{folder} exists and is not a folder; choose another --output-dir")
     try:

@@ -60,6 +60,9 @@ def build_parser() -> OneLineParser:
     g = p.add_argument_group("run control")
     g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' = OUTPUT/checkpoints/last.pth (or its backup)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="the output folder holds another run: move it aside whole (to "
+                        "OUTPUT.previous-DATE-TIME) and start a new run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT/tensorboard")
     return p
@@ -87,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mlp_ratio=args.mlp_ratio, qkv_bias=not args.no_qkv_bias, drop_rate=args.drop_rate,
         attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path_rate)
     try:
-        fit(model_cfg, cfg, source, argv=list(sys.argv if argv is None else argv))
+        fit(model_cfg, cfg, source, argv=list(sys.argv if argv is None else argv),
+            overwrite=args.overwrite)
     except TrainingInterrupted as stopped:
         return stopped.exit_code
     finally:

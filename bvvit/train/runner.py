@@ -29,6 +29,7 @@ from bvvit.evaluate.system import library_versions
 from bvvit.io import atomic_write_json, load_torch_file
 from bvvit.model import VisionTransformer, count_parameters, load_pretrained
 from bvvit.model_file import model_payload, save_model_file, state_dict_of
+from bvvit.run_dir import claim_training_dir
 from bvvit.train.checkpoint import (capture_rng_state, find_resume_checkpoint,
                                     restore_rng_state, save_checkpoint)
 from bvvit.train.distributed import (DistInfo, ShardedEpochSampler, ShardSampler, all_reduce_sums,
@@ -138,7 +139,17 @@ class _StopFlag:
 
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
-        argv: Optional[list[str]] = None) -> TrainResult:
+        argv: Optional[list[str]] = None, overwrite: bool = False) -> TrainResult:
+    """Train into ``cfg.output_dir``, claimed first (bvvit.run_dir): one writer at a time,
+    and a folder holding another run is refused unless resumed or, with ``overwrite``,
+    moved aside whole."""
+    inputs = [source.root, cfg.pretrained_path or ""]
+    with claim_training_dir(Path(cfg.output_dir), cfg.resume, overwrite, inputs):
+        return _fit(model_cfg, cfg, source, argv)
+
+
+def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
+         argv: Optional[list[str]] = None) -> TrainResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     device = resolve_device(cfg.device)
