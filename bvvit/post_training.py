@@ -13,6 +13,13 @@ duplicated or lost), so each rank holds the same full results. Calibration (a fe
 images) is replicated: every rank computes the same quantized model. Rank 0 alone writes
 files, prints, measures latency (the others wait) and runs the analysis; a mixed-precision
 allocation is rank 0's, broadcast. Reuse of finished bit depths is single-process only.
+
+The output folder is claimed for the run (bvvit.run_dir): one writer at a time; a folder
+holding another model's results (or results without a manifest) is refused unless
+``overwrite`` moves it aside; ``manifest.json`` records the model's sha256, the settings and
+every file the run wrote or reused, and a finished run removes the files earlier runs of
+the folder wrote that it did not. Packed files are reused only when their content hash
+matches the one in their result record.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -38,15 +46,16 @@ from torch import nn
 from bvvit import __version__
 from bvvit.config import LayerOverride, QuantConfig
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
-from bvvit.errors import BVViTError, DataError
+from bvvit.errors import BVViTError, DataError, WriteError
 from bvvit.evaluate.analysis import run_analysis
 from bvvit.evaluate.classification import collect_logits, evaluate_classifier, json_safe
 from bvvit.evaluate.sensitivity import sensitivity
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.evaluate.system import system_info
-from bvvit.io import atomic_write_json, atomic_write_text
+from bvvit.io import WRITE_ERRNOS, atomic_write_json, atomic_write_text, recording_writes, sha256_file
 from bvvit.model_file import LoadedModel, load_model_file
-from bvvit.quant.quantize import quantize_model
+from bvvit.quant.modules import act_quantizers, weight_modules
+from bvvit.quant.quantize import convert, quantize_model
 from bvvit.quant.onnx_runtime import export_and_measure
 from bvvit.quant.mixed_precision import allocate_bits, damage_table
 from bvvit.train.distributed import (DistInfo, ShardSampler, barrier, broadcast_from_main, init_distributed,
@@ -54,6 +63,7 @@ from bvvit.train.distributed import (DistInfo, ShardSampler, barrier, broadcast_
 from bvvit.quant.recipes import make_quant_config
 from bvvit.report import write_report
 from bvvit.quant.storage import load_quantized_model, save_float_model, save_quantized_model
+from bvvit.run_dir import MANIFEST_NAME, RunManifest, claim_output_dir, read_manifest
 
 DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
@@ -86,6 +96,12 @@ class PTQJob:
     max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
     mp_candidates: tuple[int, ...] = (4, 6, 8)
     onnx: bool = True  # export FP32/W8A8 ONNX and measure ONNX Runtime's integer kernels
+    overwrite: bool = False  # move a folder holding earlier results aside instead of continuing it
+
+
+# What marks a folder as holding post_training results (see _claimed_output_dir).
+RESULT_MARKERS = (MANIFEST_NAME, "summary.json", "summary.csv", "report.html", "report.md",
+                  "analysis.json", "sensitivity.csv", "models", "onnx", "plots")
 
 
 @dataclass
@@ -113,22 +129,119 @@ def run(job: PTQJob) -> dict[str, Any]:
     """Run ``job``; under torchrun (WORLD_SIZE > 1) as one rank of a sharded evaluation."""
     info = init_distributed(torch.device(job.device).type)
     if not info.enabled:
-        return _run(job, info, Path(job.output_dir))
+        return _raise_failures(_run_in_claimed_folder(job, info), job)
     # Ranks > 0 compute alongside rank 0 (the evaluations are collective) but write into a
     # private folder that is deleted afterwards, and print nothing.
     scratch = None if info.is_main else Path(tempfile.mkdtemp(prefix=f"bvvit-rank{info.rank}-"))
     try:
         if info.is_main:
-            summary = _run(job, info, Path(job.output_dir))
+            summary = _run_in_claimed_folder(job, info)
         else:
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 summary = _run(dataclasses.replace(job, progress=False), info, scratch)
         barrier(info)  # rank 0's files are complete when any rank returns
-        return summary
+        return _raise_failures(summary, job)
     finally:  # on an error torchrun stops the other ranks; no barrier to hang in
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         shutdown_distributed()
+
+
+def _run_in_claimed_folder(job: PTQJob, info: DistInfo) -> dict[str, Any]:
+    """:func:`_run` in ``job.output_dir`` claimed for this model: locked, its manifest kept
+    up to date, and the files earlier runs left that this one did not make removed."""
+    out = Path(job.output_dir)
+    digest = _model_digest(job.model_path)
+    with _claimed_output_dir(job, out, digest) as manifest:
+        with recording_writes(on_write=manifest.note_written) as written:
+            summary = _run(job, info, out)
+        removed = manifest.finish(written + _variant_files(out, summary), {"data": summary["data"]})
+        if removed:
+            print(f"removed {len(removed)} file(s) an earlier run left in {out} that this run did "
+                  f"not make: {', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''}")
+    return summary
+
+
+def _raise_failures(summary: dict[str, Any], job: PTQJob) -> dict[str, Any]:
+    """``summary``, or a one-line WriteError when a part of the run could not be written
+    (ONNX on a full disk): the run fails at its end, after every other result is written."""
+    failures = summary.get("failures") or []
+    if failures:
+        raise WriteError(f"{failures[0]}; every other result is written to {job.output_dir} "
+                         "(summary.json records the failure): free disk space and rerun (finished "
+                         "bit depths are reused)")
+    return summary
+
+
+def _model_digest(model_path: str) -> str:
+    """sha256 of the model file (its one-line error when it is not a readable file)."""
+    if not Path(model_path).is_file():
+        load_model_file(model_path)  # raises the loader's one-line error (missing, a folder, ...)
+    return sha256_file(model_path)
+
+
+@contextlib.contextmanager
+def _claimed_output_dir(job: PTQJob, out: Path, digest: str) -> Any:
+    """Lock ``out`` and start its manifest for the model with sha256 ``digest``. Earlier
+    results of the same model are continued (finished bit depths reused); those of another
+    model, or without a manifest, are refused unless ``job.overwrite`` moves them aside."""
+    def refusal(folder: Path, found: list[str]) -> Optional[str]:
+        previous = read_manifest(folder)
+        if previous is None:
+            return (f"{folder} holds post_training results ({', '.join(found[:3])}) without a "
+                    f"{MANIFEST_NAME}, so they may be another model's; pass --overwrite to move "
+                    "them aside or choose another --output-dir")
+        model = previous.get("model") or {}
+        if model.get("sha256") != digest:
+            return (f"{folder} holds the results of another model ({model.get('path')}, sha256 "
+                    f"{str(model.get('sha256'))[:12]}) but {job.model_path} has sha256 {digest[:12]}; "
+                    "pass --overwrite to move them aside or choose another --output-dir")
+        return None
+
+    inputs = [job.model_path, job.data_path or ""]
+    with claim_output_dir(out, RESULT_MARKERS, refusal, job.overwrite, inputs):
+        identity = {"tool": "post_training.py",
+                    "model": {"path": str(Path(job.model_path).resolve()), "sha256": digest}}
+        yield RunManifest.begin(out, identity, _settings(job), read_manifest(out))
+
+
+def _settings(job: PTQJob) -> dict[str, Any]:
+    """The job's settings that define its results (for the manifest)."""
+    skip = {"model_path", "output_dir", "progress", "overwrite"}
+    return json_safe({k: v for k, v in dataclasses.asdict(job).items() if k not in skip})
+
+
+def _variant_files(out: Path, summary: dict[str, Any]) -> list[Path]:
+    """The packed file and result record of every quantized variant in ``summary`` (written
+    or reused by this run)."""
+    names = [name for name, v in summary["variants"].items() if v.get("quant_config")]
+    return [path for name in names for path in (_packed_path(out, name), _result_path(out, name))]
+
+
+def _stored_data_path(loaded: LoadedModel, model_path: str) -> str:
+    """The data set the model was trained on, as its file records it: the absolute folder
+    run.py resolved (``root``) when it exists, else the ``data_path`` given then. A stored
+    path that does not exist here is one line naming it (the user never passed it)."""
+    stored = loaded.data.get("data_path") or "fashion-mnist"
+    if str(stored).strip().lower() == "fashion-mnist":
+        return stored
+    root = loaded.data.get("root")
+    candidates = [str(c) for c in (root if root and Path(root).is_absolute() else None, stored) if c]
+    for candidate in candidates:
+        if Path(candidate).expanduser().exists():
+            return candidate
+    where = " or ".join(dict.fromkeys(candidates))
+    raise DataError(f"the data set stored in {model_path} ({where}) does not exist here; pass "
+                    "--data-path with the folder the model was trained on")
+
+
+def _quantizes_nothing(fp_model: nn.Module, cfg: QuantConfig) -> bool:
+    """True when ``cfg`` leaves every layer float (``--override '*=float'``, or every op type
+    switched off): such a variant would only repeat the FP32 row."""
+    if cfg.linear and cfg.head and cfg.patch_embed and not any(o.keep_float for o in cfg.overrides):
+        return False  # the head alone is quantized
+    qmodel, _ = convert(fp_model, cfg)
+    return not weight_modules(qmodel) and not act_quantizers(qmodel)
 
 
 def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
@@ -147,8 +260,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
               f"{loaded.config.embed_dim}, {loaded.config.num_heads} heads, patch "
               f"{loaded.config.patch_size}, {loaded.config.img_size}px; ImageNet normalisation")
     else:
-        data_path = job.data_path or loaded.data.get("data_path") or "fashion-mnist"
-        source = resolve_data(data_path)
+        source = resolve_data(job.data_path or _stored_data_path(loaded, job.model_path))
     _check_classes(loaded, list(source.class_names), source.describe(), job.model_path)
     if source.in_chans != loaded.config.in_chans:
         raise DataError(f"{source.describe()} has {source.in_chans}-channel images but the model "
@@ -179,33 +291,47 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
 
     cache_key = _cache_base(job, source.describe(), calib_indices, len(val_set))
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
-    for w_bits, a_bits in job.bit_pairs:
+    skipped: list[str] = []
+    for w_bits, a_bits in dict.fromkeys(job.bit_pairs):  # each pair once, in the order given
         for recipe in recipes:
             cfg = make_quant_config(recipe, w_bits, a_bits, calib_size=job.calib_size, seed=job.seed,
                                     overrides=list(job.overrides), **job.switches)
             name = cfg.name if recipe == job.recipe else f"{cfg.name}-{recipe}"
+            if _quantizes_nothing(fp_model, cfg):
+                skipped.append(name)
+                continue
             reused = None if info.enabled else _reuse_variant(out, name, cfg, cache_key)
             variants.append(reused or _make_variant(out, name, cfg, cache_key, fp_model, fp_logits,
                                                     loaded, calib_loader, val_loader, job))
+    if skipped:
+        print(f"WARNING: nothing would be quantized (--override ...=float and the --no-* switches "
+              f"keep every layer float): skipped {', '.join(skipped)} and what needs them (their "
+              "rows would only repeat fp32)")
 
     def make_config(bits: int, overrides: list) -> QuantConfig:
         return make_quant_config(job.recipe, bits, bits, calib_size=job.calib_size, seed=job.seed,
                                  overrides=list(overrides), **job.switches)
 
     mixed = None
-    if job.avg_bits is not None or job.max_weight_bytes is not None:
+    if (job.avg_bits is not None or job.max_weight_bytes is not None) and not skipped:
         mixed, variant = _mixed_precision(job, make_config, fp_model, fp_logits, loaded, calib_loader,
                                           val_loader, out, cache_key, info)
         variants.append(variant)
 
-    onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) if job.onnx else None
+    onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) \
+        if job.onnx and not skipped else None
 
     # timed by rank 0 alone while the others wait, so no rank steals its cores
     latency = _measure_latency(variants, loaded, job) if info.is_main else {}
     summary = _summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
+    if skipped:
+        summary["skipped_variants"] = {name: "nothing quantized: every layer kept float" for name in skipped}
     if mixed is not None:
         summary["mixed_precision"] = json_safe(mixed)
-    if onnx_result is not None:
+    if onnx_result is not None and onnx_result.get("failed"):
+        summary["onnx"] = onnx_result
+        summary["failures"] = [f"ONNX export failed: {onnx_result['error']}"]
+    elif onnx_result is not None:
         summary["onnx"] = json_safe(onnx_result)
         summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes)
     write_summary(out, summary)
@@ -245,9 +371,13 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
                                     batch_sizes=job.latency_batches,
                                     qmodel_w4=w4.model if w4 else None,
                                     measure_latency=info.is_main)
-    except BVViTError as exc:
-        print(f"ONNX int8: skipped ({exc})")
-        return None
+    except (BVViTError, OSError) as exc:
+        failure = _write_failure(exc)
+        if failure is None and not isinstance(exc, BVViTError):
+            raise
+        print(f"ONNX int8: skipped: {failure or exc}" + (f" ({exc})" if failure else ""))
+        # a full disk is a failure of the run (reported at its end), not a limitation of the model
+        return {"failed": True, "error": failure, "detail": str(exc)} if failure else None
     acc = result["accuracy"]
     print(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
           f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
@@ -257,6 +387,15 @@ def _onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Any
     if result["w8a8_fused"]["error"]:
         print(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
     return result
+
+
+def _write_failure(exc: BaseException) -> Optional[str]:
+    """"no space left on device" (or the like) when ``exc`` is a failed write, else None."""
+    code = exc.errno if isinstance(exc, (WriteError, OSError)) else None
+    if code not in WRITE_ERRNOS:
+        return None
+    return "no space left on device" if code in (errno.ENOSPC, errno.EDQUOT) else \
+        f"cannot write ({os.strerror(code).lower()})"
 
 
 def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
@@ -323,7 +462,7 @@ def _make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, A
     for warning in report.warnings:
         print(f"WARNING [{name}]: {warning}")
     # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
-    file_info = save_quantized_model(out / "models" / f"vit_{name}.safetensors", qmodel, cfg,
+    file_info = save_quantized_model(_packed_path(out, name), qmodel, cfg,
                                      loaded, report, float_dtype=job.float_dtype)
     metrics, logits = evaluate_classifier(qmodel, val_loader, loaded.class_names,
                                      reference_logits=fp_logits, device=job.device,
@@ -343,9 +482,13 @@ def _result_path(out: Path, name: str) -> Path:
     return out / "models" / f"vit_{name}.result.json"
 
 
+def _packed_path(out: Path, name: str) -> Path:
+    return out / "models" / f"vit_{name}.safetensors"
+
+
 def _cache_base(job: PTQJob, data_desc: str, calib_indices: list[int], num_eval: int) -> dict[str, Any]:
     """What a finished variant's result depends on besides its QuantConfig."""
-    digest = hashlib.sha256(Path(job.model_path).read_bytes()).hexdigest()
+    digest = sha256_file(job.model_path)
     return {"model_sha256": digest, "data": data_desc, "calib_indices_sha256": hashlib.sha256(
         json.dumps(calib_indices).encode()).hexdigest(), "num_eval": num_eval,
         "float_dtype": job.float_dtype, "bvvit_version": __version__}
@@ -358,21 +501,29 @@ def _variant_key(base: dict[str, Any], cfg: QuantConfig) -> str:
 
 def _reuse_variant(out: Path, name: str, cfg: QuantConfig, base: dict[str, Any]) -> Optional[Variant]:
     """A variant finished by an earlier (maybe interrupted) run with the same checkpoint,
-    data and config: reload its packed file and stored results instead of recomputing."""
+    data and config: reload its packed file and stored results instead of recomputing.
+    The file must hold exactly the tensors its results were computed from (content hash
+    in the result record = hash in the file = hash of its tensors); otherwise it is
+    recomputed, and a line says why."""
     result_path = _result_path(out, name)
-    model_path = out / "models" / f"vit_{name}.safetensors"
+    model_path = _packed_path(out, name)
     if not result_path.is_file() or not model_path.is_file():
         return None
     try:
         stored = json.loads(result_path.read_text())
-        if stored.get("key") != _variant_key(base, cfg) or \
-                stored["file"]["size_bytes"] != model_path.stat().st_size:
-            return None
-        qmodel, _ = load_quantized_model(model_path)
-    except (OSError, ValueError, KeyError, BVViTError):
-        return None  # unreadable leftovers are recomputed
+        if stored.get("key") != _variant_key(base, cfg):
+            return None  # other settings: not this variant's results
+        recorded = stored["file"].get("tensors_sha256")
+        qmodel, meta = load_quantized_model(model_path)  # checks the file against its own hash
+        if recorded is None or meta.get("tensors_sha256") != recorded:
+            raise BVViTError(f"{model_path.name} is not the file its results in {result_path.name} "
+                             "were computed from (content hashes differ or are missing)")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, BVViTError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{name}: not reusing the earlier result ({reason}); recomputing")
+        return None
     print(f"{name}: reusing {model_path.name} and its results from an earlier run "
-          f"(same checkpoint, data and config)")
+          f"(same checkpoint, data and config; content hash verified)")
     return Variant(name, qmodel, cfg, stored["metrics"], stored["report"], stored["file"])
 
 

@@ -120,15 +120,25 @@ def remove_temporary_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
-def move_aside(folder: Path, inputs: Sequence[Path | str] = ()) -> Path:
-    """Rename ``folder`` to a free sibling ``NAME.previous-YYYYmmdd-HHMMSS[-N]`` in one
-    atomic rename; returns the new path. ``inputs`` (files this run reads) must not be
-    inside it."""
+def check_movable(folder: Path, inputs: Sequence[Path | str] = ()) -> None:
+    """ConfigError (one line) when moving ``folder`` would take an input of this run with it,
+    or a sub-folder another run is writing (post_training's ``OUT/quantization``)."""
     resolved = folder.resolve()
     for item in inputs:
         if item and (resolved == Path(item).resolve() or resolved in Path(item).resolve().parents):
             raise ConfigError(f"--overwrite would move {item}, which this run reads, aside with "
                               f"{folder}; choose another --output-dir")
+    for lock_file in resolved.rglob(LOCK_NAME):
+        if lock_file.parent != resolved:
+            FolderLock.acquire(lock_file.parent).release()
+
+
+def move_aside(folder: Path, inputs: Sequence[Path | str] = ()) -> Path:
+    """Rename ``folder`` to a free sibling ``NAME.previous-YYYYmmdd-HHMMSS[-N]`` in one
+    atomic rename; returns the new path. ``inputs`` (files this run reads) must not be
+    inside it, nor a sub-folder another run is writing (ConfigError naming its pid)."""
+    check_movable(folder, inputs)
+    resolved = folder.resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
         aside = resolved.with_name(f"{resolved.name}.previous-{stamp}" + (f"-{attempt}" if attempt else ""))
@@ -161,7 +171,8 @@ def claim_output_dir(folder: Path | str, markers: Sequence[str], refusal: Refusa
     try:
         found = present_markers(folder, markers)
         if found and overwrite:
-            lock.forget_file()
+            check_movable(folder, inputs)
+            lock.forget_file()  # the lock file must not travel with the old run
             aside = move_aside(folder, inputs)
             print(f"--overwrite: moved the previous run in {folder} to {aside}", flush=True)
             old, lock = lock, FolderLock.acquire(folder)

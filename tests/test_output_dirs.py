@@ -106,6 +106,20 @@ def test_overwrite_never_moves_an_input_of_the_run(tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_overwrite_waits_for_a_run_inside_the_folder(tmp_path):
+    out = tmp_path / "run"
+    (out / "quantization").mkdir(parents=True)
+    (out / "vit_model.pth").write_bytes(b"old model")
+    inner = FolderLock.acquire(out / "quantization")  # post_training writing into OUT/quantization
+    try:
+        with pytest.raises(ConfigError, match=f"quantization is in use by another run \\(pid {os.getpid()}\\)"):
+            with claim_training_dir(out, None, overwrite=True):
+                pass
+    finally:
+        inner.release()
+    assert (out / "vit_model.pth").is_file() and not list(tmp_path.glob("run.previous-*"))
+
+
 def test_temporary_leftovers_are_removed_at_start(tmp_path):
     (tmp_path / "models").mkdir()
     busy = tmp_path / "quantization"

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from bvvit.cli.common import OneLineParser, positive_int, run_cli
 from bvvit.errors import ConfigError
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised where the main thread is, so every open atomic
+    write removes its temporary file on the way out. Exit code 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the block (SIGTERM would otherwise
+    end the process on the spot, leaving temporary files and no message)."""
+    def handle(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def unique_pairs(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``pairs`` without repeats, first occurrences in order; a note when some repeat."""
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):
+        print(f"note: repeated bit depths run once: {' '.join(f'w{w}a{a}' for w, a in unique)}")
+    return unique
 
 
 def bits_value(text: str) -> int:
@@ -32,7 +66,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--data-path", default=None,
                    help="data set (default: the one the model was trained on)")
     p.add_argument("--output-dir", default=None,
-                   help="where results go (default: MODEL_DIR/quantization)")
+                   help="where results go (default: MODEL_DIR/quantization); a rerun of the same "
+                        "model continues there, reusing finished bit depths")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the output folder holds earlier results: move them aside whole (to "
+                        "OUTPUT.previous-DATE-TIME) and start afresh")
     p.add_argument("--bits", type=bits_value, nargs="+", default=[4, 6, 8, 10, 12, 16],
                    help="bit depths, each used for weights and activations (default: 4 6 8 10 12 16)")
     p.add_argument("--w-bits", type=bits_value, nargs="+", default=None,
@@ -110,9 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(args.w_bits) != len(args.a_bits):
             raise ConfigError(f"--w-bits has {len(args.w_bits)} values but --a-bits has "
                               f"{len(args.a_bits)}; give one activation width per weight width")
-        pairs = list(zip(args.w_bits, args.a_bits))
+        pairs = unique_pairs(list(zip(args.w_bits, args.a_bits)))
     else:
-        pairs = [(b, b) for b in args.bits]
+        pairs = unique_pairs([(b, b) for b in args.bits])
     baseline = None if args.baseline.lower() == "none" else args.baseline
     if baseline is not None and baseline not in RECIPES:
         raise ConfigError(f"--baseline {baseline!r} is not a recipe; choose one of "
@@ -135,13 +173,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
                  mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads,
-                 onnx=not args.no_onnx)
+                 onnx=not args.no_onnx, overwrite=args.overwrite)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
     if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= 16:
         raise ConfigError(f"--avg-bits {args.avg_bits} must lie between the smallest candidate "
                           f"width ({min(args.mp_candidates)}) and 16")
-    run(job)
+    try:
+        with signals_interrupt():
+            run(job)
+    except Interrupted as stop:
+        print(f"post_training.py: interrupted ({stop}); finished bit depths are kept and reused "
+              "by a rerun", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -245,7 +245,7 @@ def check_content_hash(path: str | os.PathLike, meta: dict[str, Any],
     actual = tensors_sha256(tensors)
     if actual != expected:
         raise CheckpointError(f"quantized model {path} was modified or damaged after it was written "
-                              f"(its tensors hash to {actual[:12]}, the file records {expected[:12]}); "
+                              f"(its tensors hash to {actual[:12]}..., it records {expected[:12]}...); "
                               "re-create it with post_training.py")
 
 
