@@ -50,13 +50,13 @@ test: $(STAMP) data
 	$(PY) -m pytest -q
 
 demo: $(STAMP) data
-	$(PY) run.py --data-path fashion-mnist --output-dir $(OUT) $(DEMO_TRAIN_ARGS)
+	$(PY) run.py --data-path fashion-mnist --output-dir $(OUT) $(DEMO_TRAIN_ARGS) --resume auto
 	@if [ -f post_training.py ]; then \
 		$(PY) post_training.py --model-path $(OUT)/vit_model.pth --output-dir $(OUT)/quantization; \
 	fi
 
 deit-tiny: $(STAMP) data
-	$(PY) run.py --data-path fashion-mnist --output-dir $(DEIT_OUT) $(DEIT_TRAIN_ARGS)
+	$(PY) run.py --data-path fashion-mnist --output-dir $(DEIT_OUT) $(DEIT_TRAIN_ARGS) --resume auto
 	$(PY) post_training.py --model-path $(DEIT_OUT)/vit_model.pth --output-dir $(DEIT_OUT)/quantization
 
 clean:

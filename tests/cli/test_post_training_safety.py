@@ -235,3 +235,29 @@ def test_repeated_weight_activation_pairs_run_once(monkeypatch):
     monkeypatch.setattr(bvvit.post_training, "run", jobs.append)
     assert main(["--model-path", "m.pth", "--w-bits", "4", "8", "4", "--a-bits", "8", "8", "8"]) == 0
     assert jobs[0].bit_pairs == [(4, 8), (8, 8)]
+
+
+def test_folder_in_use_is_refused(trained, tmp_path):
+    from bvvit.run_dir import FolderLock
+
+    out = tmp_path / "q"
+    lock = FolderLock.acquire(out)  # another post_training writing there
+    try:
+        assert_one_line_error(_ptq(trained[1] / "vit_model.pth", out, "--bits", "8"),
+                              str(out), f"pid {os.getpid()}")
+    finally:
+        lock.release()
+
+
+def test_stored_relative_data_path_falls_back_to_the_stored_absolute_root(trained):
+    """Models of earlier versions stored the --data-path as typed (maybe relative) beside
+    the absolute folder run.py resolved: that folder is used from any directory."""
+    from bvvit.model_file import load_model_file
+    from bvvit.post_training import _stored_data_path
+
+    data = trained[0]
+    loaded = load_model_file(trained[1] / "vit_model.pth")
+    loaded.data = {"data_path": "relative/data", "kind": "folder", "root": str(data)}
+    assert _stored_data_path(loaded, "m.pth") == str(data)
+    loaded.data = {"data_path": "fashion-mnist", "kind": "fashion-mnist", "root": "/elsewhere"}
+    assert _stored_data_path(loaded, "m.pth") == "fashion-mnist"  # searched for, as before
