@@ -49,9 +49,11 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> sub
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
-def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 300,
+            prefix: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess:
+    """``python script args``; ``prefix`` is a command that wraps it (e.g. setpriv ...)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
+    return subprocess.run([*prefix, sys.executable, str(ROOT / script), *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 

@@ -3,31 +3,37 @@
 
 Class names are the sorted sub-folder names of ``train/`` (label = position); ``val/``
 (or ``test/``) must have the same set. Images may sit in nested folders below a class
-folder. Files whose extension Pillow is not asked to read (see IMAGE_EXTENSIONS) and hidden
-files are skipped and counted in ``ignored_files``.
+folder. Which files are images, how links are followed and what is reported is decided in
+one place, :mod:`bvvit.data.folder_walk`, for the layout check and the full scan alike.
 
 An image that cannot be decoded raises ``DataError("cannot read image PATH: REASON;
 remove or replace the file")`` when it is first read: we fail fast rather than skip it,
 because silently training or evaluating on different data than the folder holds is worse
 than stopping. Every image is converted to "L" (in_chans 1) or "RGB" (in_chans 3), so a
 folder may mix modes and sizes; the transforms bring everything to one size.
+
+Images deeper than 8 bits are scaled by the range of their mode, never by their own
+values, so two similar images always come out similar: "I;16*" (16-bit PNG and TIFF) and
+"I" (32-bit integers, which older Pillow versions make of 16-bit PNGs) are taken as
+0..65535 and divided by 257, "F" (float TIFF) as 0..1 and multiplied by 255; values
+outside the range are clipped, NaN becomes 0.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bvvit.data.folder_walk import (IMAGE_EXTENSIONS, SplitWalker, class_folders,
+                                    first_images, no_images_error, scan_split,
+                                    sorted_entries)
 from bvvit.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm")
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N",
                              "F"})
 VAL_SPLITS = ("val", "test")  # first one present is the validation split
@@ -36,43 +42,10 @@ _MODE_SAMPLE_PER_CLASS = 2  # images per class whose header decides in_chans
 _MODE_SAMPLE_MAX = 64
 
 
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def _listing(names: Sequence[str], limit: int = 5) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def class_folders(split_dir: Path) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``split_dir``."""
-    with os.scandir(split_dir) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def walk_files(class_dir: Path) -> Iterator[str]:
-    """Every file below ``class_dir`` (following links), in sorted order, lazily."""
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
-
-
-def _first_images(class_dir: Path, count: int) -> list[str]:
-    found = []
-    for path in walk_files(class_dir):
-        if is_image_file(os.path.basename(path)):
-            found.append(path)
-            if len(found) == count:
-                break
-    return found
-
-
-def _no_images_error(class_dir: Path) -> DataError:
-    return DataError(f"class folder {class_dir} has no images (looked for "
-                     f"{' '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
 
 
 def inspect_root(root: Path) -> tuple[tuple[str, ...], str, int]:
@@ -107,18 +80,18 @@ def inspect_root(root: Path) -> tuple[tuple[str, ...], str, int]:
                         f"folders ({'; '.join(parts)}); both splits need the same classes")
     samples = []
     for split in ("train", val_split):
-        for name in classes["train"]:
-            first = _first_images(root / split / name, _MODE_SAMPLE_PER_CLASS)
+        walker = SplitWalker(root / split, classes["train"])
+        for label, name in enumerate(classes["train"]):
+            first = first_images(walker, label, _MODE_SAMPLE_PER_CLASS)
             if not first:
-                raise _no_images_error(root / split / name)
+                raise no_images_error(root / split / name)
             samples.extend(first)
     in_chans = _detect_in_chans(samples)
     return tuple(classes["train"]), val_split, in_chans
 
 
 def _no_train_message(root: Path) -> str:
-    with os.scandir(root) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith("."))
+    names = [entry.name for entry in sorted_entries(root) if not entry.name.startswith(".")]
     if not names:
         return (f"--data-path {root} is an empty folder; fill it ({LAYOUT_HINT}) or pass "
                 f"'fashion-mnist'")
@@ -145,27 +118,6 @@ def _detect_in_chans(paths: Sequence[str]) -> int:
     return 1
 
 
-def scan_split(split_dir: Path, class_names: Sequence[str]) -> tuple[list[tuple[str, int]], int]:
-    """All ``(image_path, label)`` pairs below ``split_dir`` and the number of ignored
-    (non-image or hidden) files."""
-    found = class_folders(split_dir) if split_dir.is_dir() else []
-    if found != list(class_names):
-        raise DataError(f"{split_dir} no longer has the class folders it had when the data "
-                        f"set was resolved ({len(found)} vs {len(class_names)}); restart")
-    samples, ignored = [], 0
-    for label, name in enumerate(class_names):
-        count = 0
-        for path in walk_files(split_dir / name):
-            if is_image_file(os.path.basename(path)):
-                samples.append((path, label))
-                count += 1
-            else:
-                ignored += 1
-        if count == 0:
-            raise _no_images_error(split_dir / name)
-    return samples, ignored
-
-
 def _read_error(path: str, exc: BaseException) -> DataError:
     reason = " ".join(str(exc).split()) or type(exc).__name__
     return DataError(f"cannot read image {path}: {reason}; remove or replace the file")
@@ -185,14 +137,24 @@ def load_image(path: str, in_chans: int) -> torch.Tensor:
     return tensor.permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
+# the value range of each mode deeper than 8 bits: (lowest, highest) -> 0..255
+_HIGH_DEPTH_RANGES = {"I": (0.0, 65535.0), "F": (0.0, 1.0)}
+_SIXTEEN_BIT_RANGE = (0.0, 65535.0)  # every "I;16..." mode
+
+
+def _high_depth_range(mode: str) -> Optional[tuple[float, float]]:
+    if mode.startswith("I;16"):
+        return _SIXTEEN_BIT_RANGE
+    return _HIGH_DEPTH_RANGES.get(mode)
+
+
 def _to_array(img: Image.Image, mode: str) -> np.ndarray:
-    """uint8 (H, W) for mode "L", (H, W, 3) for "RGB"."""
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        # 16/32-bit grayscale: Pillow's convert("L") clips at 255, so scale 16-bit range
-        gray = np.asarray(img, dtype=np.float64)
-        if gray.max(initial=0) > 255:
-            gray = gray / 257.0
-        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    """uint8 (H, W) for mode "L", (H, W, 3) for "RGB"; deep modes scaled by their range."""
+    value_range = _high_depth_range(img.mode)
+    if value_range is not None:  # Pillow's convert("L") would clip at 255 instead
+        low, high = value_range
+        gray = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=low)
+        gray = np.clip(np.rint((gray - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
         return gray if mode == "L" else np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids Pillow's palette-transparency warning

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from bvvit.config import Preprocessing
 from bvvit.data import fashion_mnist, folder
+from bvvit.data.folder_walk import unreadable_error
 from bvvit.errors import DataError
 
 FASHION_MNIST = "fashion-mnist"
@@ -104,7 +105,10 @@ def resolve_data(data_path: Optional[str] = FASHION_MNIST) -> DataSource:
             hint = f"the folder that holds it ({root.parent.resolve()})"
         raise DataError(f"--data-path {root} is a file, not a folder; point it at {hint}")
     root = root.resolve()
-    idx_dir = fashion_mnist.find_idx_dir(root)
+    try:
+        idx_dir = fashion_mnist.find_idx_dir(root)
+    except PermissionError as exc:  # the root itself cannot be listed or entered
+        raise unreadable_error(root, exc) from exc
     if idx_dir is not None:
         return _fashion_mnist_source(idx_dir)
     missing = fashion_mnist.missing_idx_files(root)
@@ -133,7 +137,9 @@ def build_dataset(source: DataSource, split: str, transform: Optional[Callable] 
         dataset = fashion_mnist.FashionMNIST(images, targets, transform)
     elif source.kind == FOLDER:
         split_dir = source.root / ("train" if split == "train" else source.val_split)
-        samples, ignored = folder.scan_split(split_dir, source.class_names)
+        # the train scan also walks the validation split, to warn if they share files
+        compare_with = source.root / source.val_split if split == "train" else None
+        samples, ignored = folder.scan_split(split_dir, source.class_names, compare_with)
         dataset = folder.ImageFolderDataset(split_dir, samples, source.class_names,
                                             source.in_chans, transform, ignored)
     else:
