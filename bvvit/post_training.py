@@ -272,6 +272,9 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
                         "processes; run with fewer processes or more images")
     val_loader = build_loader(val_set, job.batch_size, shuffle=False, sampler=ShardSampler(
         len(val_set), info, gather=True) if info.enabled else None)
+    # Work only one rank does (sensitivity for mixed precision, analysis) sees every image in
+    # dataset order, not one shard: the same images as a one-process run.
+    local_loader = build_loader(val_set, job.batch_size, shuffle=False) if info.enabled else val_loader
     calib_loader, calib_indices = calibration_loader(source, pre, job.calib_size, job.seed,
                                                      batch_size=min(64, job.batch_size))
     torch.manual_seed(job.seed)
@@ -315,7 +318,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     mixed = None
     if (job.avg_bits is not None or job.max_weight_bytes is not None) and not skipped:
         mixed, variant = _mixed_precision(job, make_config, fp_model, fp_logits, loaded, calib_loader,
-                                          val_loader, out, cache_key, info)
+                                          val_loader, local_loader, out, cache_key, info)
         variants.append(variant)
 
     onnx_result = _onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) \
@@ -340,7 +343,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     if job.analysis != "none" and info.is_main:
         start = time.perf_counter()
         qmodels = {v.name: v.model for v in variants if v.config is not None}
-        analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, val_loader, fp_logits,
+        analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, local_loader, fp_logits,
                                 make_config, progress=job.progress)
         report_path = write_report(out, summary, analysis)
         print(f"analysis '{job.analysis}' took {time.perf_counter() - start:.1f}s; "
@@ -426,13 +429,13 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
 
 
 def _mixed_precision(job: PTQJob, make_config: Any, fp_model: nn.Module, fp_logits: torch.Tensor,
-                     loaded: LoadedModel, calib_loader: Any, val_loader: Any, out: Path,
+                     loaded: LoadedModel, calib_loader: Any, val_loader: Any, local_loader: Any, out: Path,
                      cache_key: dict[str, Any], info: DistInfo) -> tuple[dict[str, Any], Variant]:
     """Per-layer widths from sensitivity under the budget, then that model as a variant
-    (under torchrun: rank 0's allocation, from its shard's images, on every rank)."""
+    (under torchrun: rank 0's allocation, from the same images as one process, on every rank)."""
     start = time.perf_counter()
     candidates = tuple(sorted(set(job.mp_candidates)))
-    rows = sensitivity(fp_model, make_config, calib_loader, val_loader, bits=candidates[:-1],
+    rows = sensitivity(fp_model, make_config, calib_loader, local_loader, bits=candidates[:-1],
                        reference_logits=fp_logits, progress=job.progress)
     params = {name: module.weight.numel() for name, module in fp_model.named_modules()
               if isinstance(module, (nn.Linear, nn.Conv2d))}
