@@ -8,6 +8,7 @@ stored in checkpoints and ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
@@ -22,14 +23,53 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _require_positive(name: str, value: float) -> None:
+MAX_IMG_SIZE = 4096  # pixels per side: each image is decoded and resized at this size
+MAX_TOKENS = 4096  # patches per image: attention holds tokens² scores per head and image
+MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a config field: ``min_lr`` -> ``--min-lr``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _require_number(name: str, value: Any) -> None:
+    """A real, finite number (bools and strings are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{flag_name(name)} must be a finite number, got {value!r}")
+
+
+def _require_whole(name: str, value: Any) -> None:
+    """A positive whole number."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{flag_name(name)} must be a positive whole number, got {value!r}")
+
+
+def _require_positive(name: str, value: Any) -> None:
+    _require_number(name, value)
     if value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        raise ConfigError(f"{flag_name(name)} must be positive, got {value}")
 
 
-def _require_rate(name: str, value: float) -> None:
+def _require_non_negative(name: str, value: Any) -> None:
+    _require_number(name, value)
+    if value < 0:
+        raise ConfigError(f"{flag_name(name)} must be >= 0, got {value}")
+
+
+def _require_rate(name: str, value: Any) -> None:
+    _require_number(name, value)
     if not 0.0 <= value < 1.0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        raise ConfigError(f"{flag_name(name)} must be in [0, 1), got {value}")
+
+
+def _bytes_text(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.0f} TB"
 
 
 @dataclass
@@ -54,19 +94,50 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
                      "depth", "num_heads"):
-            _require_positive(name, getattr(self, name))
+            _require_whole(name, getattr(self, name))
         _require_positive("mlp_ratio", self.mlp_ratio)
+        if self.mlp_hidden_dim < 1:
+            raise ConfigError(
+                f"--mlp-ratio {self.mlp_ratio} gives an MLP hidden width of int({self.embed_dim} "
+                f"* {self.mlp_ratio}) = {self.mlp_hidden_dim}; it must be at least 1: raise "
+                "--mlp-ratio (4 is usual)")
         for name in ("drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
             _require_rate(name, getattr(self, name))
+        if self.img_size > MAX_IMG_SIZE:
+            raise ConfigError(
+                f"--img-size {self.img_size} is above the supported {MAX_IMG_SIZE} pixels (every "
+                f"image is decoded and resized at this size, {_bytes_text(4 * 3 * self.img_size ** 2)} "
+                "per RGB image in float32); lower --img-size")
         if self.img_size % self.patch_size != 0:
             raise ConfigError(
                 f"--img-size {self.img_size} is not divisible by --patch-size "
                 f"{self.patch_size}; choose a patch size that divides the image size "
                 f"(e.g. {', '.join(str(p) for p in _divisors(self.img_size))})")
+        if self.num_patches > MAX_TOKENS:
+            raise ConfigError(
+                f"--img-size {self.img_size} with --patch-size {self.patch_size} gives "
+                f"{self.grid_size}x{self.grid_size} = {self.num_patches} tokens, at most "
+                f"{MAX_TOKENS} are supported (attention holds tokens² scores: "
+                f"{_bytes_text(4 * self.num_patches ** 2)} per image and head in float32); raise "
+                "--patch-size or lower --img-size")
         if self.embed_dim % self.num_heads != 0:
             raise ConfigError(
                 f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
                 f"{self.num_heads}; each head needs an equal share of the embedding")
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """Width of each block's MLP (as :class:`bvvit.model.MLP` builds it)."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def estimated_parameters(self) -> int:
+        """Parameter count of the model this config builds (patch embedding, tokens,
+        blocks, final norm, head), without building it."""
+        dim, hidden = self.embed_dim, self.mlp_hidden_dim
+        embed = dim * (self.in_chans * self.patch_size ** 2 + 1) + dim * (self.num_patches + 2)
+        block = (4 * dim + 3 * dim * dim + (3 * dim if self.qkv_bias else 0) + dim * dim + dim
+                 + 2 * dim * hidden + hidden + dim)
+        return embed + self.depth * block + 2 * dim + (dim + 1) * self.num_classes
 
     @property
     def grid_size(self) -> int:
@@ -117,22 +188,30 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _require_positive("epochs", self.epochs)
-        _require_positive("batch_size", self.batch_size)
+        _require_whole("epochs", self.epochs)
+        _require_whole("batch_size", self.batch_size)
         _require_positive("lr", self.lr)
-        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("--min-lr, --weight-decay and --warmup-epochs must be >= 0")
+        for name in ("min_lr", "weight_decay", "warmup_epochs"):
+            _require_non_negative(name, getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}, so the schedule "
+                              "would rise instead of decay; choose a --min-lr below --lr")
         _require_rate("label_smoothing", self.label_smoothing)
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            self.clip_grad = None  # 0 or negative disables clipping, as in timm
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.clip_grad is not None:
+            _require_number("clip_grad", self.clip_grad)
+            if self.clip_grad <= 0:
+                self.clip_grad = None  # 0 or negative disables clipping, as in timm
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"--workers must be a whole number >= 0, got {self.workers!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("train_subset", "val_subset", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None:
-                _require_positive(name, value)
+                _require_whole(name, value)
         if self.augment not in ("none", "flip", "light", "strong"):
             raise ConfigError(f"--augment must be none, flip, light or strong, got {self.augment!r}")
 
@@ -155,6 +234,31 @@ class Preprocessing:
     interpolation: str = "bilinear"
     crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, then centre-crop img_size
 
+    def __post_init__(self) -> None:
+        """ConfigError ("preprocessing FIELD ...") for a field no transform can use."""
+        if isinstance(self.img_size, bool) or not isinstance(self.img_size, int) \
+                or not 0 < self.img_size <= MAX_IMG_SIZE:
+            raise ConfigError(f"preprocessing img_size must be a whole number from 1 to "
+                              f"{MAX_IMG_SIZE}, got {self.img_size!r}")
+        if self.in_chans not in (1, 3) or isinstance(self.in_chans, bool):
+            raise ConfigError(f"preprocessing in_chans must be 1 or 3, got {self.in_chans!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) not in (1, self.in_chans) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values):
+                raise ConfigError(f"preprocessing {name} must be 1 or in_chans ({self.in_chans}) "
+                                  f"finite numbers, got {values!r}")
+        if len(self.std) != len(self.mean) or min(self.std) <= 0:
+            raise ConfigError(f"preprocessing mean {self.mean} / std {self.std}: std must be "
+                              "positive and as long as mean")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"preprocessing interpolation {self.interpolation!r} is not "
+                              f"supported; use one of {', '.join(INTERPOLATIONS)}")
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
+                or not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct!r}")
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
@@ -164,8 +268,9 @@ class Preprocessing:
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
         data = dict(data)
         for key in ("mean", "std"):
-            if key in data:
-                data[key] = tuple(float(v) for v in data[key])
+            if isinstance(data.get(key), (list, tuple)):  # JSON and torch.save give lists
+                data[key] = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                                  for v in data[key])
         return _from_dict(cls, data)
 
 

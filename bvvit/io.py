@@ -33,7 +33,9 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 # tempfile.mkstemp's names: PREFIX + 8 characters of [a-z0-9_] + SUFFIX
 _TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+# EPERM: an immutable (chattr +i) target; EISDIR: a folder in the way of the file
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM,
+                errno.EISDIR)
 _recorders: list[tuple[list[Path], Optional[Callable[[Path], None]]]] = []
 
 
@@ -96,8 +98,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _write_error(path: Path, exc: OSError) -> WriteError:
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space",
+           errno.EIO: "check the disk"}.get(exc.errno or 0, "fix its permissions")
     return WriteError(f"cannot write {path}: {exc.strerror or exc}; the previous version "
-                      "(if any) is intact — free disk space or choose another folder", exc.errno or 0)
+                      f"(if any) is intact — {fix} or choose another folder", exc.errno or 0)
 
 
 def ensure_dir(folder: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from bvvit.config import ModelConfig, Preprocessing
-from bvvit.errors import BVViTError, CheckpointError
+from bvvit.errors import BVViTError, CheckpointError, ConfigError
 from bvvit.io import atomic_torch_save, load_torch_file
 from bvvit.model import VisionTransformer, load_pretrained
 
@@ -74,20 +74,100 @@ def model_from_payload(payload: dict[str, Any], source: str) -> LoadedModel:
     except (TypeError, BVViTError) as exc:
         raise CheckpointError(f"{source} has an invalid model config: {exc}") from None
     model = VisionTransformer(config)
-    try:
-        load_pretrained(model, payload["state_dict"], strict_head=True)
-    except (KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0].strip("'\"")
-        raise CheckpointError(f"{source}: weights do not fit the stored model config ({first[:200]})") from None
+    _load_exactly(model, payload["state_dict"], source)
     model.eval()
-    pre = Preprocessing.from_dict(payload.get("preprocessing", {})) if payload.get("preprocessing") \
-        else Preprocessing(img_size=config.img_size, in_chans=config.in_chans)
+    pre = _stored_preprocessing(payload, config, source)
     class_names = list(payload.get("class_names") or [str(i) for i in range(config.num_classes)])
     if len(class_names) != config.num_classes:
         raise CheckpointError(f"{source} lists {len(class_names)} class names for a "
                               f"{config.num_classes}-class head")
     return LoadedModel(model, config, class_names, pre, dict(payload.get("data", {})),
                        dict(payload.get("metrics", {})))
+
+
+def _load_exactly(model: VisionTransformer, state: Any, source: str) -> None:
+    """Load a BV-ViT file's weights with no adaptation (no pos_embed resizing, no renames):
+    every tensor must be there with the shape the stored model config builds, so an edited
+    config is caught here, not as a wrong answer or a crash later."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: state_dict is a {type(state).__name__}, not a dict of tensors")
+    expected = model.state_dict()
+    config = model.config
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    for keys, verb in ((missing, "lacks"), (unexpected, "has unexpected")):
+        if keys:
+            raise CheckpointError(f"{source}: state_dict {verb} {', '.join(keys[:3])}"
+                                  f"{' ...' if len(keys) > 3 else ''} for its model_config "
+                                  f"({_fields_text(keys[0], config)}); the config and the weights "
+                                  "disagree (an edited or corrupt file)")
+    for key, tensor in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{source}: state_dict['{key}'] is {shape}, its model_config "
+                                  f"({_fields_text(key, config)}) needs {list(tensor.shape)}; the "
+                                  "config and the weights disagree (an edited or corrupt file)")
+    model.load_state_dict(state, strict=True)
+
+
+def _fields_text(key: str, config: ModelConfig) -> str:
+    """The model-config fields that decide the tensor ``key``, with their stored values."""
+    if key == "pos_embed":
+        names = ("img_size", "patch_size", "embed_dim")
+    elif key.startswith("patch_embed."):
+        names = ("embed_dim", "in_chans", "patch_size")
+    elif key.startswith("head."):
+        names = ("num_classes", "embed_dim")
+    elif ".mlp." in key:
+        names = ("embed_dim", "mlp_ratio")
+    elif key.endswith("qkv.bias"):
+        names = ("qkv_bias",)
+    elif key.startswith("blocks."):
+        names = ("depth", "embed_dim")
+    else:
+        names = ("embed_dim",)
+    return ", ".join(f"{name} {getattr(config, name)}" for name in names)
+
+
+def _stored_preprocessing(payload: dict[str, Any], config: ModelConfig, source: str) -> Preprocessing:
+    """The file's preprocessing, valid and consistent with its model config."""
+    stored = payload.get("preprocessing")
+    if not stored:
+        return Preprocessing(img_size=config.img_size, in_chans=config.in_chans)
+    try:
+        if not isinstance(stored, dict):
+            raise ConfigError(f"preprocessing is a {type(stored).__name__}, not a dict")
+        pre = Preprocessing.from_dict(stored)
+    except (TypeError, ValueError, BVViTError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    for name in ("img_size", "in_chans"):
+        if getattr(pre, name) != getattr(config, name):
+            raise CheckpointError(f"{source}: preprocessing {name} {getattr(pre, name)} disagrees "
+                                  f"with model_config {name} {getattr(config, name)}; the file was "
+                                  "edited or is corrupt")
+    return pre
+
+
+def model_file_holds(path: str | os.PathLike, payload: dict[str, Any]) -> bool:
+    """Whether ``path`` is a readable file holding exactly ``payload`` (tensors compared by
+    value: torch.save's bytes differ between two saves of the same content)."""
+    try:
+        stored = load_torch_file(path, what="model file")
+    except CheckpointError:
+        return False
+    return _same_content(stored, payload)
+
+
+def _same_content(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_content(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_content(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def load_model_file(path: str | os.PathLike, num_heads: Optional[int] = None) -> LoadedModel:

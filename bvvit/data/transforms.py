@@ -35,7 +35,6 @@ AUGMENTS = ("none", "flip", "light", "strong")
 STRONG_SCALE = (0.35, 1.0)
 STRONG_RATIO = (3 / 4, 4 / 3)
 _LOG_RATIO = (math.log(STRONG_RATIO[0]), math.log(STRONG_RATIO[1]))
-_TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
 class ImageTransform:
@@ -45,15 +44,7 @@ class ImageTransform:
         if augment not in AUGMENTS:
             raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got "
                               f"{augment!r}")
-        if pre.interpolation not in _TENSOR_INTERPOLATIONS:
-            raise ConfigError(f"interpolation {pre.interpolation!r} is not supported; use "
-                              f"one of {', '.join(_TENSOR_INTERPOLATIONS)}")
-        if len(pre.mean) not in (1, pre.in_chans) or len(pre.std) != len(pre.mean):
-            raise ConfigError(f"preprocessing mean {pre.mean} / std {pre.std} do not match "
-                              f"in_chans {pre.in_chans}")
-        if not 0 < pre.crop_pct <= 1:
-            raise ConfigError(f"crop_pct must be in (0, 1], got {pre.crop_pct}")
-        self.pre = pre
+        self.pre = pre  # its fields were validated when it was built
         self.mode = augment if train else "none"
         self.size = pre.img_size
         # epsilon: 224 / 0.875 must give 256 even if the division lands just below it

@@ -22,10 +22,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
+from bvvit.config import ModelConfig, Preprocessing, TrainConfig
 from bvvit.errors import CheckpointError
 from bvvit.io import atomic_path, load_torch_file
-from bvvit.model_file import FORMAT_VERSION
+from bvvit.model import VisionTransformer
+from bvvit.model_file import FORMAT_VERSION, model_payload
+from bvvit.train.engine import EpochProgress
 
 LAST = "last.pth"
 BACKUP = "last.prev.pth"
@@ -60,6 +64,55 @@ def _to_lists(obj: Any) -> Any:
 
 def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(o) for o in obj) if isinstance(obj, (tuple, list)) else obj
+
+
+def training_payload(model: nn.Module, class_names: list[str], pre: Preprocessing,
+                     data_info: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: Any, epochs_done: int, best_acc: float, history: list[dict[str, Any]],
+                     cfg: TrainConfig, progress: Optional[EpochProgress]) -> dict[str, Any]:
+    """A training checkpoint: the model file's content plus optimizer, scheduler, scaler,
+    RNG states, history and settings; ``progress`` is set for a mid-epoch stop."""
+    payload = model_payload(model, class_names, pre, data_info,
+                            {"val_acc": history[-1]["val_acc"] if history else None})
+    payload.update({
+        "kind": "bvvit-training-checkpoint",
+        "epoch": epochs_done,  # completed epochs
+        "epoch_progress": progress.to_dict() if progress is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": capture_rng_state(),
+        "best_val_acc": best_acc,
+        "history": list(history),
+        "train_config": cfg.to_dict(),
+    })
+    return payload
+
+
+def restore_training_state(payload: dict[str, Any], source: str, model: VisionTransformer,
+                           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                           model_cfg: ModelConfig) -> tuple[int, list[dict[str, Any]], float]:
+    """Load a checkpoint's states into the run's objects (same architecture only);
+    returns (completed epochs, history, best validation top-1)."""
+    stored = ModelConfig.from_dict(payload["model_config"])
+    stored.fused_attn = model_cfg.fused_attn
+    if stored != model_cfg:
+        diffs = [f"{k}={getattr(stored, k)} (now {getattr(model_cfg, k)})"
+                 for k in model_cfg.to_dict() if getattr(stored, k) != getattr(model_cfg, k)]
+        raise CheckpointError(f"checkpoint {source} is of another architecture: "
+                              f"{', '.join(diffs[:4])}; resume with the same flags")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {source} does not fit this run ({first[:200]})") from None
+    if "rng" in payload:
+        restore_rng_state(payload["rng"])
+    return int(payload["epoch"]), list(payload.get("history", [])), float(payload.get("best_val_acc", -1))
 
 
 def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any], is_best: bool) -> Path:

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bvvit.evaluate.classification import collect_logits
+from bvvit.train.signals import StopRequested
 
 
 @dataclass
@@ -45,7 +46,11 @@ def choose_precision(device: torch.device, amp: bool) -> Precision:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss became NaN or infinite at ``step`` (1-based, within the epoch)."""
+
+    def __init__(self, loss: float, step: int):
+        super().__init__(f"loss became {loss} at step {step}; lower --lr or enable --clip-grad")
+        self.loss, self.step = loss, step
 
 
 @dataclass
@@ -88,9 +93,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         with precision.autocast():
             logits = model(images)  # (B, num_classes)
             loss = criterion(logits, targets)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss became {loss.item()} at step {state.steps}; "
-                                     "lower --lr or enable --clip-grad")
+        if not math.isfinite(loss.item()):  # before the update: the weights stay finite
+            raise NonFiniteLossError(loss.item(), state.steps + 1)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -128,10 +132,25 @@ def epoch_metrics(loss_sum: float, correct: float, images: float, time_s: float)
 
 @torch.no_grad()
 def validation_sums(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
-                    progress: bool = True) -> list[float]:
-    """[loss sum, top-1 correct, top-5 correct, images] over this process's share."""
-    with precision.autocast():
-        logits, labels = collect_logits(model, loader, device=device, progress=progress, desc="val")
+                    progress: bool = True,
+                    should_stop: Optional[Callable[[], bool]] = None) -> list[float]:
+    """[loss sum, top-1 correct, top-5 correct, images] over this process's share.
+
+    Raises :class:`StopRequested` before a batch once ``should_stop()`` is true."""
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if should_stop is not None:
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            if should_stop():
+                raise StopRequested
+            return model(images)
+    was_training = model.training
+    model.eval()
+    try:
+        with precision.autocast():
+            logits, labels = collect_logits(forward, loader, device=device, progress=progress,
+                                            desc="val")
+    finally:
+        model.train(was_training)
     logits = logits.float()
     if logits.shape[0] == 0:
         return [0.0, 0.0, 0.0, 0.0]

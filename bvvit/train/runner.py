@@ -24,20 +24,22 @@ from bvvit import __version__
 from bvvit.config import ModelConfig, Preprocessing, TrainConfig
 from bvvit.data import (DataSource, build_dataset, build_loader, build_transform, set_epoch)
 from bvvit.data.loaders import SeededAugmentation, epoch_seed
-from bvvit.errors import CheckpointError, ConfigError
+from bvvit.errors import CheckpointError, ConfigError, WriteError
 from bvvit.evaluate.system import library_versions
-from bvvit.io import atomic_write_json, load_torch_file
+from bvvit.io import atomic_torch_save, atomic_write_json, load_torch_file
 from bvvit.model import VisionTransformer, count_parameters, load_pretrained
-from bvvit.model_file import model_payload, save_model_file, state_dict_of
+from bvvit.model_file import model_file_holds, model_payload, state_dict_of
 from bvvit.run_dir import claim_training_dir
-from bvvit.train.checkpoint import (capture_rng_state, find_resume_checkpoint,
-                                    restore_rng_state, save_checkpoint)
+from bvvit.train.checkpoint import (LAST, find_resume_checkpoint, restore_rng_state,
+                                    restore_training_state, save_checkpoint, training_payload)
 from bvvit.train.distributed import (DistInfo, ShardedEpochSampler, ShardSampler, all_reduce_sums,
                                      barrier, init_distributed)
-from bvvit.train.engine import (EpochProgress, choose_precision, epoch_metrics, train_one_epoch,
-                                validation_metrics, validation_sums)
+from bvvit.train.engine import (EpochProgress, NonFiniteLossError, choose_precision, epoch_metrics,
+                                train_one_epoch, validation_metrics, validation_sums)
 from bvvit.train.log import (TensorBoardSink, epoch_row, plot_training_curves,
                              write_metrics_csv)
+from bvvit.train.settings import check_model_fits, check_resume, settings_in_use
+from bvvit.train.signals import StopRequest, StopRequested
 
 MODEL_FILE = "vit_model.pth"
 
@@ -108,36 +110,6 @@ def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
                               f"({first[:200]}); use matching --embed-dim/--depth/--patch-size") from None
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; training checks it after every step."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> "_StopFlag":
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a worker thread)
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving "
-              "a resumable checkpoint (send again to abort without saving)", flush=True)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
         argv: Optional[list[str]] = None, overwrite: bool = False) -> TrainResult:
     """Train into ``cfg.output_dir``, claimed first (bvvit.run_dir): one writer at a time,
@@ -150,12 +122,16 @@ def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
 
 def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
          argv: Optional[list[str]] = None) -> TrainResult:
+    cfg, warnings = settings_in_use(cfg)  # absolute data path, workers capped: what is recorded
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    for warning in warnings:
+        _say(info, warning)
+    check_model_fits(model_cfg, device)
     precision = choose_precision(device, cfg.amp)
     torch.manual_seed(cfg.seed)
 
@@ -197,14 +173,16 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     if cfg.resume and point is None:
         _say(info, f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
     elif point is not None:
-        start_epoch, history, best_acc = _restore(point.payload, str(point.path), model,
+        start_epoch, history, best_acc = restore_training_state(point.payload, str(point.path), model,
                                                   optimizer, scheduler, scaler, model_cfg)
+        check_resume(point.payload.get("train_config") or {}, cfg, str(point.path))
         if point.payload.get("epoch_progress"):
             partial = EpochProgress.from_dict(point.payload["epoch_progress"])
             rng_at_stop = point.payload.get("rng")
         note = " (last.pth was unreadable: used the backup)" if point.fell_back else ""
         where = f", {partial.steps} steps into epoch {start_epoch + 1}" if partial else ""
         _say(info, f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done{where}")
+    finished_before = start_epoch >= cfg.epochs  # --resume of a finished run: nothing to train
 
     train_model: nn.Module = model
     if cfg.compile:
@@ -215,7 +193,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
 
     class_names = list(source.class_names)
     data_info = {"data_path": cfg.data_path, "kind": source.kind, "root": str(source.root)}
-    if info.is_main:
+    if info.is_main and not (finished_before and (out / "config.json").exists()):
         atomic_write_json(out / "config.json",
                           _run_info(model_cfg, cfg, source, pre, model, precision.name, argv, info))
     _say(info, f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
@@ -226,7 +204,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     tensorboard = TensorBoardSink(out / "tensorboard") if cfg.tensorboard and info.is_main else None
     kill_after = os.environ.get("BVVIT_KILL_AFTER_EPOCH")  # test hook: simulate a crash
     stop_after_steps = os.environ.get("BVVIT_SIGNAL_AFTER_STEPS")  # test hook: self-SIGINT
-    stop = _StopFlag().install()
+    stop = StopRequest().install()
     run_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -243,15 +221,25 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
             if stop_after_steps:
                 limit = int(stop_after_steps)
                 should_stop = lambda: stop() or _self_signal(stop, scheduler, limit)  # noqa: E731
-            state, interrupted = train_one_epoch(
-                train_model, train_loader, optimizer, scheduler, criterion, device, precision,
-                scaler, cfg.clip_grad, cfg.progress and info.is_main,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}", state=state, should_stop=should_stop)
+            progress = cfg.progress and info.is_main
+            try:
+                state, interrupted = train_one_epoch(
+                    train_model, train_loader, optimizer, scheduler, criterion, device, precision,
+                    scaler, cfg.clip_grad, progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    state=state, should_stop=should_stop)
+                if not interrupted:
+                    val_sums = validation_sums(model, val_loader, device, precision, progress,
+                                               should_stop=stop)
+            except NonFiniteLossError as exc:
+                raise _diverged(exc, epoch, optimizer.param_groups[0]["lr"], cfg, ckpt_dir) from None
+            except StopRequested:  # during validation: the epoch is trained, a resume validates it
+                interrupted = True
             if interrupted:
-                payload = _training_payload(model, class_names, pre, data_info, optimizer, scheduler,
+                payload = training_payload(model, class_names, pre, data_info, optimizer, scheduler,
                                             scaler, epoch, best_acc, history, cfg, state)
                 if info.is_main:
-                    save_checkpoint(ckpt_dir, payload, is_best=False)
+                    with stop.writing():
+                        save_checkpoint(ckpt_dir, payload, is_best=False)
                 barrier(info)
                 _say(info, f"saved {ckpt_dir / 'last.pth'} at epoch {epoch + 1}, step {state.steps}; "
                      "continue with the same command plus --resume auto")
@@ -259,18 +247,17 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
             train_sums = all_reduce_sums([state.loss_sum, state.correct, state.images], info, device)
             train_metrics = epoch_metrics(*train_sums, state.time_s)
             train_metrics["images_per_s"] *= info.world_size if info.enabled else 1
-            val_metrics = validation_metrics(all_reduce_sums(
-                validation_sums(model, val_loader, device, precision, cfg.progress and info.is_main),
-                info, device))
+            val_metrics = validation_metrics(all_reduce_sums(val_sums, info, device))
             row = epoch_row(epoch + 1, train_metrics, val_metrics, optimizer.param_groups[0]["lr"],
                             state.time_s)
             history.append(row)
             is_best = row["val_acc"] > best_acc
             best_acc = max(best_acc, row["val_acc"])
             if info.is_main:
-                payload = _training_payload(model, class_names, pre, data_info, optimizer, scheduler,
+                payload = training_payload(model, class_names, pre, data_info, optimizer, scheduler,
                                             scaler, epoch + 1, best_acc, history, cfg, None)
-                save_checkpoint(ckpt_dir, payload, is_best)
+                with stop.writing():
+                    save_checkpoint(ckpt_dir, payload, is_best)
                 write_metrics_csv(out / "metrics.csv", history)
                 if tensorboard:
                     tensorboard.log(row)
@@ -289,17 +276,45 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     final_metrics = {"val_acc": history[-1]["val_acc"] if history else None,
                      "best_val_acc": best_acc, "epochs": cfg.epochs}
     model_path = out / MODEL_FILE
+    written = "written to"
     if info.is_main:
-        save_model_file(model_path, model, class_names, pre, data_info, final_metrics)
-        write_metrics_csv(out / "metrics.csv", history)
-        plot_training_curves(out / "training_curves.png", history,
-                             title=f"ViT {model_cfg.depth}x{model_cfg.embed_dim}/p{model_cfg.patch_size} "
-                                   f"on {source.kind}")
+        final = model_payload(model, class_names, pre, data_info, final_metrics)
+        if finished_before and model_file_holds(model_path, final):
+            written = "already in"  # leave its bytes alone: post_training's reuse checks them
+        else:
+            _write_model_file(model_path, final, ckpt_dir)
+            write_metrics_csv(out / "metrics.csv", history)
+            plot_training_curves(out / "training_curves.png", history,
+                                 title=f"ViT {model_cfg.depth}x{model_cfg.embed_dim}/p"
+                                       f"{model_cfg.patch_size} on {source.kind}")
     barrier(info)
     total = time.perf_counter() - run_start
     _say(info, f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
-         f"model written to {model_path}")
+         f"model {written} {model_path}")
     return TrainResult(out, model_path, history, best_acc, total)
+
+
+def _write_model_file(path: Path, payload: dict[str, Any], ckpt_dir: Path) -> None:
+    """Write vit_model.pth; if the path cannot be written, say that the training itself is safe."""
+    try:
+        atomic_torch_save(payload, path)
+    except WriteError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else "not writable"
+        raise WriteError(f"cannot write {path}: {reason}; training finished and {ckpt_dir / LAST} "
+                         f"holds the trained weights: make {path.name} writable (or move what is in "
+                         "its way) and rerun the same command with --resume auto to write it",
+                         exc.errno) from None
+
+
+def _diverged(exc: NonFiniteLossError, epoch: int, lr: float, cfg: TrainConfig,
+              ckpt_dir: Path) -> ConfigError:
+    last = ckpt_dir / LAST
+    kept = f"the last good checkpoint {last} is untouched" if last.exists() \
+        else "no checkpoint was written yet"
+    clip = "" if cfg.clip_grad else " or set --clip-grad 1"
+    return ConfigError(f"training diverged: the loss became {exc.loss} at epoch {epoch + 1}, step "
+                       f"{exc.step} (learning rate {lr:.2e}); {kept}; lower --lr (now {cfg.lr:g})"
+                       f"{clip} and train again with --overwrite or another --output-dir")
 
 
 def _try_compile(model: nn.Module, model_cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -326,7 +341,7 @@ class TrainingInterrupted(Exception):
         self.exit_code = exit_code
 
 
-def _self_signal(stop: _StopFlag, scheduler: Any, limit: int) -> bool:
+def _self_signal(stop: StopRequest, scheduler: Any, limit: int) -> bool:
     """Test hook: send ourselves SIGINT once ``limit`` optimizer steps have run."""
     if scheduler.last_epoch >= limit and stop.signum is None:
         os.kill(os.getpid(), signal.SIGINT)
@@ -336,51 +351,6 @@ def _self_signal(stop: _StopFlag, scheduler: Any, limit: int) -> bool:
 def _say(info: DistInfo, message: str) -> None:
     if info.is_main:
         print(message, flush=True)
-
-
-def _training_payload(model: nn.Module, class_names: list[str], pre: Preprocessing,
-                      data_info: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                      scaler: Any, epochs_done: int, best_acc: float, history: list[dict[str, Any]],
-                      cfg: TrainConfig, progress: Optional[EpochProgress]) -> dict[str, Any]:
-    payload = model_payload(model, class_names, pre, data_info,
-                            {"val_acc": history[-1]["val_acc"] if history else None})
-    payload.update({
-        "kind": "bvvit-training-checkpoint",
-        "epoch": epochs_done,  # completed epochs
-        "epoch_progress": progress.to_dict() if progress is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "rng": capture_rng_state(),
-        "best_val_acc": best_acc,
-        "history": list(history),
-        "train_config": cfg.to_dict(),
-    })
-    return payload
-
-
-def _restore(payload: dict[str, Any], source: str, model: VisionTransformer,
-             optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-             model_cfg: ModelConfig) -> tuple[int, list[dict[str, Any]], float]:
-    stored = ModelConfig.from_dict(payload["model_config"])
-    stored.fused_attn = model_cfg.fused_attn
-    if stored != model_cfg:
-        diffs = [f"{k}={getattr(stored, k)} (now {getattr(model_cfg, k)})"
-                 for k in model_cfg.to_dict() if getattr(stored, k) != getattr(model_cfg, k)]
-        raise CheckpointError(f"checkpoint {source} is of another architecture: "
-                              f"{', '.join(diffs[:4])}; resume with the same flags")
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if scaler is not None and payload.get("scaler"):
-            scaler.load_state_dict(payload["scaler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {source} does not fit this run ({first[:200]})") from None
-    if "rng" in payload:
-        restore_rng_state(payload["rng"])
-    return int(payload["epoch"]), list(payload.get("history", [])), float(payload.get("best_val_acc", -1))
 
 
 def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre: Preprocessing,
