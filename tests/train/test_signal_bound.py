@@ -90,3 +90,39 @@ def test_second_signal_aborts_at_once(folder, tmp_path):
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert torch.load(out / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_signal_during_validation_saves_the_trained_epoch_and_resumes_exactly(folder, tmp_path,
+                                                                               monkeypatch):
+    """SIGINT between validation batches: the epoch's training is kept (a checkpoint at its
+    last step); the resume only validates it and ends with the uninterrupted weights."""
+    from bvvit.config import TrainConfig
+    from bvvit.data import resolve_data
+    from bvvit.train import runner
+
+    source = resolve_data(str(folder))
+    model_cfg = runner.model_config_for_data(source, 16, None, patch_size=4, embed_dim=16, depth=1,
+                                             num_heads=2)
+
+    def fit(out, **extra):
+        return runner.fit(model_cfg, TrainConfig(data_path=str(folder), output_dir=str(out), epochs=2,
+                                                 batch_size=8, progress=False, seed=4, **extra), source)
+
+    reference = fit(tmp_path / "ref")
+    validate = runner.validation_sums
+
+    def signal_then_validate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before the first validation batch
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "validation_sums", signal_then_validate)
+    with pytest.raises(runner.TrainingInterrupted):
+        fit(tmp_path / "stopped")
+    checkpoint = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["epoch_progress"]["steps"] == 3  # all 3 steps
+    monkeypatch.setattr(runner, "validation_sums", validate)
+    resumed = fit(tmp_path / "stopped", resume="auto")
+    assert [row["val_acc"] for row in resumed.history] == [row["val_acc"] for row in reference.history]
+    expected = torch.load(reference.model_path, weights_only=True)["state_dict"]
+    actual = torch.load(resumed.model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
