@@ -137,12 +137,7 @@ def validation_sums(model: nn.Module, loader: Iterable, device: torch.device, pr
     """[loss sum, top-1 correct, top-5 correct, images] over this process's share.
 
     Raises :class:`StopRequested` before a batch once ``should_stop()`` is true."""
-    forward: Callable[[torch.Tensor], torch.Tensor] = model
-    if should_stop is not None:
-        def forward(images: torch.Tensor) -> torch.Tensor:
-            if should_stop():
-                raise StopRequested
-            return model(images)
+    forward = model if should_stop is None else _stoppable(model, should_stop)
     was_training = model.training
     model.eval()
     try:
@@ -160,6 +155,17 @@ def validation_sums(model: nn.Module, loader: Iterable, device: torch.device, pr
     correct1 = float((topk[:, 0] == labels).sum())
     correct5 = float((topk == labels.unsqueeze(1)).any(dim=1).sum())
     return [loss_sum, correct1, correct5, float(labels.numel())]
+
+
+def _stoppable(model: nn.Module, should_stop: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward, raising :class:`StopRequested` instead once ``should_stop()``."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        if should_stop():
+            raise StopRequested
+        return model(images)
+
+    return forward
 
 
 def validation_metrics(sums: list[float]) -> dict[str, float]:

@@ -18,13 +18,13 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 GRACE_S = 10.0  # seconds a stop request may take before the process exits without saving
 
 
 class StopRequested(Exception):
-    """Raised where training cannot simply return at a safe point (inside validation)."""
+    """Raised at a safe point that cannot simply return (between validation batches)."""
 
 
 class StopRequest:
@@ -60,16 +60,6 @@ class StopRequest:
         """Hold the watchdog off while a checkpoint is written."""
         with self._write_lock:
             yield
-
-    def checked(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` that first raises :class:`StopRequested` once a signal arrived."""
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self():
-                raise StopRequested
-            return fn(*args, **kwargs)
-
-        return call
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second signal: give up at once
