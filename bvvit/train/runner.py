@@ -236,12 +236,12 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
                 interrupted = True
             if interrupted:
                 payload = training_payload(model, class_names, pre, data_info, optimizer, scheduler,
-                                            scaler, epoch, best_acc, history, cfg, state)
+                                           scaler, epoch, best_acc, history, cfg, state)
                 if info.is_main:
                     with stop.writing():
                         save_checkpoint(ckpt_dir, payload, is_best=False)
                 barrier(info)
-                _say(info, f"saved {ckpt_dir / 'last.pth'} at epoch {epoch + 1}, step {state.steps}; "
+                _say(info, f"saved {ckpt_dir / LAST} at epoch {epoch + 1}, step {state.steps}; "
                      "continue with the same command plus --resume auto")
                 raise TrainingInterrupted(128 + (stop.signum or signal.SIGINT))
             train_sums = all_reduce_sums([state.loss_sum, state.correct, state.images], info, device)
@@ -255,7 +255,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
             best_acc = max(best_acc, row["val_acc"])
             if info.is_main:
                 payload = training_payload(model, class_names, pre, data_info, optimizer, scheduler,
-                                            scaler, epoch + 1, best_acc, history, cfg, None)
+                                           scaler, epoch + 1, best_acc, history, cfg, None)
                 with stop.writing():
                     save_checkpoint(ckpt_dir, payload, is_best)
                 write_metrics_csv(out / "metrics.csv", history)
