@@ -229,9 +229,9 @@ class RunManifest:
                   **identity, "settings": settings, "complete": False,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None,
                   "files": {}, "pending": sorted(carried)}
-        manifest = cls(folder, record)
-        manifest._write()
-        return manifest
+        # Written with the run's first file: a run that fails before writing anything (a bad
+        # model file) leaves the folder as it found it.
+        return cls(folder, record)
 
     def note_written(self, path: Path) -> None:
         """Add ``path`` (if inside the folder) to the pending files, on disk at once."""

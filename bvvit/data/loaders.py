@@ -30,7 +30,9 @@ _MASK64 = (1 << 64) - 1
 @functools.lru_cache(maxsize=64)
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for ``(seed, epoch)`` (seed + epoch would collide)."""
-    words = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF]).generate_state(2)
+    # The whole seed (0..2**63-1) as entropy: seeds 2**32 apart must not share an order.
+    # Below 2**32 this is the same entropy as before, so existing runs keep their orders.
+    words = np.random.SeedSequence([seed, epoch]).generate_state(2)
     return (int(words[0]) << 31) ^ int(words[1])
 
 

@@ -89,6 +89,19 @@ def test_results_without_a_manifest_are_refused(trained, tmp_path):
     assert (out / "summary.json").read_text() == "{}"
 
 
+def test_a_run_refused_for_a_bad_model_file_leaves_the_folder_free(trained, tmp_path):
+    """A model file that fails to load writes nothing: no manifest claims the folder for it,
+    so the next (good) model runs there."""
+    out = tmp_path / "q"
+    broken = tmp_path / "broken.pth"
+    payload = torch.load(trained[1] / "vit_model.pth", weights_only=True)
+    payload["model_config"]["embed_dim"] += 8  # contradicts the weights
+    torch.save(payload, broken)
+    assert_one_line_error(_ptq(broken, out, "--bits", "8"), str(broken))
+    assert not (out / "manifest.json").exists()
+    assert _ptq(trained[1] / "vit_model.pth", out, "--bits", "8").returncode == 0
+
+
 def test_rerun_continues_and_removes_what_it_no_longer_makes(trained, tmp_path):
     model = trained[1] / "vit_model.pth"
     out = tmp_path / "q"

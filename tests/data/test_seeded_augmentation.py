@@ -42,3 +42,12 @@ def test_sample_seeds_are_distinct_and_63_bit():
     seeds = {sample_seed(s, e, i) for s in (0, 1) for e in range(4) for i in range(500)}
     assert len(seeds) == 2 * 4 * 500
     assert all(0 <= seed < 2 ** 63 for seed in seeds)
+
+
+def test_epoch_seed_uses_the_whole_seed():
+    """Seeds 2**32 apart are different runs (the seed used to be masked to 32 bits), while
+    seeds below 2**32 keep the orders they always had."""
+    from bvvit.data.loaders import epoch_seed
+
+    assert epoch_seed(1, 0) != epoch_seed(1 + 2 ** 32, 0)
+    assert epoch_seed(7, 3) == 0x674CFA2EC63E493C  # the value the 32-bit masking gave
