@@ -1968,12 +1968,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.keep:
             print(f"kept {tmp_root}")
         else:
-            shutil.rmtree(tmp_root, ignore_errors=True)
+            remove_tree(tmp_root)
     failed = [c.name for c in cases if verdicts.get(c.name) == "FAIL"]
     counts = {status: list(verdicts.values()).count(status) for status in ("PASS", "FAIL", "SKIP")}
     print(f"\n{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped of {len(cases)} "
           f"in {time.monotonic() - started:.0f} s" + (f"; failed: {' '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def remove_tree(folder: Path) -> None:
+    """Delete ``folder``, immutable files included (an --overwrite may have moved one away
+    from the path its case made immutable)."""
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def report_line(c: Case, status: str, detail: str, seconds: float) -> str:
