@@ -176,8 +176,21 @@ def load_model_file(path: str | os.PathLike, num_heads: Optional[int] = None) ->
     is not in the shapes: ``num_heads`` or the timm convention of 64 dimensions per head)."""
     payload = load_torch_file(path, what="model file")
     if "format_version" not in payload and _looks_like_timm_vit(state_dict_of(payload)):
-        return model_from_timm_state_dict(state_dict_of(payload), str(path), num_heads)
-    return model_from_payload(payload, str(path))
+        loaded = model_from_timm_state_dict(state_dict_of(payload), str(path), num_heads)
+    else:
+        loaded = model_from_payload(payload, str(path))
+    _require_finite(loaded.model, str(path))
+    return loaded
+
+
+def _require_finite(model: torch.nn.Module, source: str) -> None:
+    """CheckpointError (one line) when a weight holds NaN or inf: every number computed from
+    such a model (its accuracy, calibration ranges) would be meaningless."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); "
+                              "the training diverged or the file is corrupt: use an earlier checkpoint")
 
 
 def _looks_like_timm_vit(state: dict[str, Any]) -> bool:

@@ -166,22 +166,25 @@ def claim_output_dir(folder: Path | str, markers: Sequence[str], refusal: Refusa
     markers is moved aside (:func:`move_aside`, ``inputs`` protected) and a new one made.
     """
     folder = Path(folder)
-    created = not folder.exists()
-    lock = FolderLock.acquire(folder)
+    # Through a symlinked --output-dir the real folder is locked, moved aside and made anew,
+    # so the link still leads to the new run.
+    real = folder.resolve()
+    created = not real.exists()
+    lock = FolderLock.acquire(real)
     try:
-        found = present_markers(folder, markers)
+        found = present_markers(real, markers)
         if found and overwrite:
-            check_movable(folder, inputs)
+            check_movable(real, inputs)
             lock.forget_file()  # the lock file must not travel with the old run
-            aside = move_aside(folder, inputs)
+            aside = move_aside(real, inputs)
             print(f"--overwrite: moved the previous run in {folder} to {aside}", flush=True)
-            old, lock = lock, FolderLock.acquire(folder)
+            old, lock = lock, FolderLock.acquire(real)
             old.release()
         elif found:
             reason = refusal(folder, found)
             if reason is not None:
                 raise ConfigError(reason)
-        removed = remove_temporary_leftovers(folder)
+        removed = remove_temporary_leftovers(real)
         if removed:
             print(f"removed {len(removed)} temporary file(s) an interrupted run left in {folder}",
                   flush=True)
@@ -190,7 +193,7 @@ def claim_output_dir(folder: Path | str, markers: Sequence[str], refusal: Refusa
         lock.release()
         if created:  # a run refused or failed before writing leaves no empty folder behind
             with contextlib.suppress(OSError):
-                folder.rmdir()
+                real.rmdir()
 
 
 MANIFEST_NAME = "manifest.json"

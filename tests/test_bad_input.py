@@ -118,3 +118,36 @@ def test_fuzzed_checkpoints_fail_cleanly(tmp_path):
             assert "\n" not in str(exc)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+@pytest.mark.slow
+def test_empty_data_path_is_refused_not_replaced_by_the_default(tmp_path):
+    """`--data-path "$DATA"` with DATA unset must not silently train on Fashion-MNIST."""
+    assert_one_line_error(_train("", tmp_path / "o"), "--data-path is empty")
+
+
+@pytest.mark.slow
+def test_path_name_too_long_is_one_line(tmp_path):
+    """A 300-character folder name (a run named after its settings) is one line naming it."""
+    data = make_image_folder(tmp_path / "d")
+    long_name = tmp_path / ("lr0.001_bs128_" * 22)
+    assert_one_line_error(_train(data, long_name), "File name too long", "lr0.001_bs128_")
+
+
+def test_unhandled_oserror_on_a_user_path_is_one_line(capsys):
+    """The CLI's last net: a file-system refusal of a user's path nobody turned into a message
+    is still one line (other exceptions keep their tracebacks: they are our bugs)."""
+    from bvvit.cli.common import run_cli as run_main
+
+    def main(argv):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/model.pth")
+
+    assert run_main(main, [], prog="x") == 2
+    assert capsys.readouterr().err.strip() == ("x: error: cannot use /data/model.pth: Permission "
+                                               "denied; check the path and its permissions")
+
+    def buggy(argv):
+        raise OSError("no errno: a bug of ours")
+
+    with pytest.raises(OSError):
+        run_main(buggy, [], prog="x")

@@ -75,3 +75,11 @@ def test_model_file_holds_compares_content_not_bytes(model_file):
     assert not model_file_holds(model_file.with_name("missing.pth"), payload)
     fresh = model_payload(VisionTransformer(CONFIG), ["a", "b", "c"], PRE)
     assert not model_file_holds(model_file, fresh)  # other random weights
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused(model_file, bad):
+    """A diverged or corrupt model would give meaningless accuracy and calibration ranges
+    (post_training used to print a top-1 and then crash in GPTQ's Cholesky)."""
+    path = _edited(model_file, lambda p: p["state_dict"]["blocks.0.mlp.fc1.weight"].fill_(bad))
+    _refused(path, "NaN or inf", "blocks.0.mlp.fc1.weight")

@@ -96,6 +96,20 @@ def test_overwrite_moves_the_whole_folder_aside(tmp_path, capsys):
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]) == 2
 
 
+def test_overwrite_through_a_symlinked_output_dir_keeps_the_link_working(tmp_path):
+    """--output-dir is a link to the real folder: the real folder is moved aside whole and
+    made anew, so the link leads to the new run (it used to be left dangling, no run)."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "vit_model.pth").write_bytes(b"old model")
+    link.symlink_to(real, target_is_directory=True)
+    with claim_training_dir(link, None, overwrite=True) as claimed:
+        (claimed / "vit_model.pth").write_bytes(b"new model")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("real.previous-")]
+    assert len(aside) == 1 and (aside[0] / "vit_model.pth").read_bytes() == b"old model"
+    assert link.is_symlink() and (link / "vit_model.pth").read_bytes() == b"new model"
+
+
 def test_overwrite_never_moves_an_input_of_the_run(tmp_path):
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)

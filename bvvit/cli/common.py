@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -40,6 +41,20 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        # The file system refused a path the user gave (too long, unreadable, ...) somewhere
+        # no stage turned it into its own message: still one line naming the path.
+        if exc.errno not in USER_PATH_ERRNOS or exc.filename is None:
+            raise
+        print(f"{prog}: error: cannot use {exc.filename}: {exc.strerror}; check the path and "
+              "its permissions", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# OSErrors that a path or file system the user chose causes, not a bug of ours.
+USER_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOENT,
+                              errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EROFS, errno.ENOSPC,
+                              errno.EDQUOT, errno.EIO, errno.ENXIO})
 
 
 def positive_int(text: str) -> int:

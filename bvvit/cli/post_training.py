@@ -142,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bvvit.quant.recipes import RECIPES
     from bvvit.train.runner import resolve_device
 
+    if args.data_path is not None and not args.data_path.strip():
+        raise ConfigError("--data-path is empty (an unset shell variable?); leave it out to use the "
+                          "data the model was trained on, or pass a folder")
     if (args.w_bits is None) != (args.a_bits is None):
         raise ConfigError("--w-bits and --a-bits go together (e.g. --w-bits 4 --a-bits 8)")
     if args.w_bits is not None:

@@ -92,7 +92,10 @@ def resolve_data(data_path: Optional[str] = FASHION_MNIST) -> DataSource:
 
     Raises DataError (one line: the path, what is wrong, what to do) otherwise.
     """
-    if data_path is None or str(data_path).strip().lower() in ("", FASHION_MNIST):
+    if data_path is not None and not str(data_path).strip():
+        raise DataError("--data-path is empty (an unset shell variable?); pass 'fashion-mnist' or "
+                        "a folder with train/ and val/ class folders")
+    if data_path is None or str(data_path).strip().lower() == FASHION_MNIST:
         return _search_fashion_mnist()
     root = Path(data_path).expanduser()
     if not root.exists():

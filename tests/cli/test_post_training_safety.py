@@ -274,3 +274,10 @@ def test_stored_relative_data_path_falls_back_to_the_stored_absolute_root(traine
     assert _stored_data_path(loaded, "m.pth") == str(data)
     loaded.data = {"data_path": "fashion-mnist", "kind": "fashion-mnist", "root": "/elsewhere"}
     assert _stored_data_path(loaded, "m.pth") == "fashion-mnist"  # searched for, as before
+
+
+def test_empty_data_path_is_refused(trained, capsys):
+    """`--data-path "$DATA"` with DATA unset: refused, not silently the stored data set."""
+    assert run_main(main, ["--model-path", str(trained[1] / "vit_model.pth"), "--data-path", ""],
+                    prog="post_training.py") == 2
+    assert "--data-path is empty" in capsys.readouterr().err
