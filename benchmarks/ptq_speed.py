@@ -58,7 +58,6 @@ from bvvit.evaluate.classification import collect_logits  # noqa: E402
 from bvvit.evaluate.significance import (accuracy_over_batch_orders, paired_comparison,  # noqa: E402
                                          predict_in_order)
 from bvvit.evaluate.latency import measure_interleaved  # noqa: E402
-from bvvit.evaluate.system import system_info  # noqa: E402
 from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model import VisionTransformer  # noqa: E402
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
@@ -66,6 +65,7 @@ from bvvit.quant.onnx_runtime import (make_session, numpy_fn, optimized_op_repor
                                       session_fn)
 from bvvit.quant.quantize import quantize_model  # noqa: E402
 from bvvit.quant.recipes import DEFAULT_RECIPE, make_quant_config  # noqa: E402
+from bvvit.system import system_info  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
 

@@ -6,15 +6,18 @@ the real name (a kill -9 may leave the temporary file: :func:`is_temporary_name`
 them apart, and :mod:`bvvit.run_dir` removes them when a run claims its folder).
 :func:`recording_writes` collects the paths written meanwhile (a run's manifest).
 Loading uses ``torch.load(..., weights_only=True)``: a checkpoint can carry tensors,
-numbers, strings, lists and dicts, never code.
+numbers, strings, lists and dicts, never code. :func:`json_safe` makes results (with their
+infinite SQNRs, numpy scalars and tensors) writable as strict JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -24,6 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from bvvit.errors import BVViTError, CheckpointError, WriteError
@@ -140,6 +144,31 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
+
+    Non-finite floats become ``"inf"``, ``"-inf"`` or ``"nan"``; numpy scalars and arrays,
+    torch tensors, tuples and dataclasses become plain Python lists, numbers and dicts.
+    """
+    if isinstance(obj, dict):
+        return {str(key): json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(value) for value in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return json_safe(dataclasses.asdict(obj))
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if math.isnan(obj):
+            return "nan"
+        return "inf" if obj > 0 else "-inf"
+    return obj
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -48,22 +48,22 @@ from bvvit.config import LayerOverride, QuantConfig
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data
 from bvvit.errors import BVViTError, DataError, WriteError
 from bvvit.evaluate.analysis import run_analysis
-from bvvit.evaluate.classification import collect_logits, evaluate_classifier, json_safe
+from bvvit.evaluate.classification import collect_logits, evaluate_classifier
 from bvvit.evaluate.sensitivity import sensitivity
 from bvvit.evaluate.latency import measure_interleaved
-from bvvit.evaluate.system import system_info
-from bvvit.io import WRITE_ERRNOS, atomic_write_json, atomic_write_text, recording_writes, sha256_file
+from bvvit.distributed import (DistInfo, ShardSampler, barrier, broadcast_from_main, init_distributed,
+                               shutdown_distributed)
+from bvvit.io import WRITE_ERRNOS, atomic_write_json, atomic_write_text, json_safe, recording_writes, sha256_file
 from bvvit.model_file import LoadedModel, load_model_file
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.quantize import convert, quantize_model
 from bvvit.quant.onnx_runtime import export_and_measure
 from bvvit.quant.mixed_precision import allocate_bits, damage_table
-from bvvit.train.distributed import (DistInfo, ShardSampler, barrier, broadcast_from_main, init_distributed,
-                                    shutdown_distributed)
 from bvvit.quant.recipes import make_quant_config
 from bvvit.report import write_report
 from bvvit.quant.storage import load_quantized_model, save_float_model, save_quantized_model
 from bvvit.run_dir import MANIFEST_NAME, RunManifest, claim_output_dir, read_manifest
+from bvvit.system import system_info
 
 DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",

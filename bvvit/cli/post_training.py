@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bvvit.config import LayerOverride
     from bvvit.post_training import PTQJob, run
     from bvvit.quant.recipes import RECIPES
-    from bvvit.train.runner import resolve_device
+    from bvvit.system import resolve_device
 
     if args.data_path is not None and not args.data_path.strip():
         raise ConfigError("--data-path is empty (an unset shell variable?); leave it out to use the "

@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Heavy imports after parsing so that --help is instant.
     from bvvit.data import resolve_data
-    from bvvit.train.distributed import shutdown_distributed
+    from bvvit.distributed import shutdown_distributed
     from bvvit.train.runner import TrainingInterrupted, fit, model_config_for_data
 
     cfg = TrainConfig(

@@ -48,7 +48,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededAugmentation(Dataset):
     """Training items whose random augmentation is a pure function of ``(seed, epoch, index)``.
 
-    Keys are ``(epoch, index)`` pairs (as :class:`bvvit.train.distributed.
+    Keys are ``(epoch, index)`` pairs (as :class:`bvvit.train.sampler.
     ShardedEpochSampler` yields them): ``dataset[(epoch, index)]`` reads the raw uint8
     image ``index`` of ``images`` and applies ``transform(image, generator)`` with a
     generator seeded by :func:`sample_seed`. Which process reads an item, and what it

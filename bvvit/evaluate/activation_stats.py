@@ -1,7 +1,7 @@
 """Float activation and weight statistics against the quantization grids: the clipping
 range and step of a variant's qparams (:func:`grid_range`), histograms, percentiles and
 clipped fractions of every tensor a quantizer sees, and histograms and SQNR of selected
-weights. Every function returns JSON-safe data (:func:`~bvvit.evaluate.classification.json_safe`).
+weights. Every function returns JSON-safe data (:func:`~bvvit.io.json_safe`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from bvvit.evaluate.classification import json_safe, sqnr_db
 from bvvit.evaluate.tensor_taps import (GROUPS, _as_dict, _device, _distinct_twins, _float_hooks, _get,
                                         _layer_of, _tensor_info, _twins, float_reference, quantizer_ids,
                                         take_batches)
+from bvvit.io import json_safe
+from bvvit.metrics import sqnr_db
 from bvvit.quant.log2 import LogQParams
 from bvvit.quant.modules import QuantConv2d, QuantLinear
 

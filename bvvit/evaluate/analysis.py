@@ -2,7 +2,7 @@
 quantization grids, per-tensor SQNR across bit depths, and (``--analysis full``) per-layer
 sensitivity (:mod:`bvvit.evaluate.sensitivity`).
 
-Every function returns JSON-safe data (:func:`json_safe`: ``inf`` becomes ``"inf"``);
+Every function returns JSON-safe data (:func:`bvvit.io.json_safe`: ``inf`` becomes ``"inf"``);
 nothing here draws (:mod:`bvvit.report.plots` does).
 
 This module holds :func:`run_analysis`, the analysis stage, and re-exports the pieces from
@@ -28,11 +28,11 @@ from torch import nn
 # Also re-exported: the tests and other callers import these from here.
 from bvvit.evaluate.activation_stats import (activation_statistics, default_weight_layers, grid_range,
                                              weight_layer_names, weight_statistics)
-from bvvit.evaluate.classification import json_safe
 from bvvit.evaluate.layer_sqnr import per_layer_sqnr
 from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
 from bvvit.evaluate.tensor_taps import (GROUPS, float_reference, float_twin, quantizer_ids, take_batches,
                                         tensor_group)
+from bvvit.io import json_safe
 
 ANALYSIS_LEVELS = ("none", "basic", "full")
 

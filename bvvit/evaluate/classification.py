@@ -4,7 +4,7 @@
 Everything here returns plain Python data (ints, floats, lists, dicts) so results can be
 written to JSON by the report stage; nothing draws. The only non-JSON values are
 ``float('inf')`` / ``float('nan')`` (an SQNR of identical logits is infinite):
-:func:`json_safe` turns them into the strings ``"inf"``, ``"-inf"`` and ``"nan"``.
+:func:`bvvit.io.json_safe` turns them into the strings ``"inf"``, ``"-inf"`` and ``"nan"``.
 
 The stage knows nothing of how a model was built or quantized: it takes any
 ``torch.nn.Module`` or plain callable mapping a batch of images to logits ``(B, C)``.
@@ -12,8 +12,6 @@ The stage knows nothing of how a model was built or quantized: it takes any
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -22,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bvvit.metrics import kl_divergence, sqnr_db
+from bvvit.distributed import gather_shards
 from bvvit.evaluate.significance import paired_comparison
+from bvvit.metrics import kl_divergence, sqnr_db
 
 ModelOrFn = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,7 +85,6 @@ def collect_logits(
     sampler = getattr(loader, "sampler", None)
     if getattr(sampler, "gather", False) and max_batches is None:
         # torchrun evaluation: this rank saw its shard; every rank gets all rows, in order
-        from bvvit.train.distributed import gather_shards
         logits = gather_shards(logits, sampler.info, sampler.num_samples)
         labels = gather_shards(labels, sampler.info, sampler.num_samples)
     return logits, labels
@@ -209,31 +207,6 @@ def accuracy_noise_floor(num_images: int) -> float:
     if num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
     return 100.0 / num_images
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
-
-    Non-finite floats become ``"inf"``, ``"-inf"`` or ``"nan"``; numpy scalars and arrays,
-    torch tensors, tuples and dataclasses become plain Python lists, numbers and dicts.
-    """
-    if isinstance(obj, dict):
-        return {str(key): json_safe(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(value) for value in obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return json_safe(dataclasses.asdict(obj))
-    if isinstance(obj, torch.Tensor):
-        return json_safe(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        if math.isnan(obj):
-            return "nan"
-        return "inf" if obj > 0 else "-inf"
-    return obj
 
 
 def _percent(count: int, total: int) -> float:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from bvvit.evaluate.activation_stats import weight_layer_names
-from bvvit.evaluate.classification import json_safe, sqnr_db
 from bvvit.evaluate.tensor_taps import (_as_dict, _device, _distinct_twins, _float_hooks, _get, _layer_of,
                                         _quantizer_hooks, _tensor_info, _twins, float_reference, take_batches)
+from bvvit.io import json_safe
+from bvvit.metrics import sqnr_db
 from bvvit.quant.modules import QuantConv2d, QuantLinear
 
 

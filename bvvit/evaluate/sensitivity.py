@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bvvit.evaluate.classification import json_safe, kl_divergence, sqnr_db
+from bvvit.io import json_safe
+from bvvit.metrics import kl_divergence, sqnr_db
 from bvvit.quant.modules import OFF, QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.quantize import calibrate, prepare
 

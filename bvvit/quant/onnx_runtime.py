@@ -25,8 +25,8 @@ from bvvit.config import Preprocessing
 from bvvit.errors import BVViTError, CheckpointError
 from bvvit.evaluate.classification import classification_metrics, collect_logits, sqnr_db
 from bvvit.evaluate.latency import measure_interleaved
-from bvvit.evaluate.system import system_info
 from bvvit.io import atomic_path
+from bvvit.system import system_info
 from bvvit.quant.export import (DEFAULT_OPSET, export_float_onnx, export_qdq_onnx,
                                 export_w4_weight_only_onnx)
 

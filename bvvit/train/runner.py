@@ -24,20 +24,20 @@ from bvvit import __version__
 from bvvit.config import ModelConfig, Preprocessing, TrainConfig
 from bvvit.data import (DataSource, build_dataset, build_loader, build_transform, set_epoch)
 from bvvit.data.loaders import SeededAugmentation, epoch_seed
+from bvvit.distributed import DistInfo, ShardSampler, all_reduce_sums, barrier, init_distributed
 from bvvit.errors import CheckpointError, ConfigError, WriteError
-from bvvit.evaluate.system import library_versions
 from bvvit.io import atomic_torch_save, atomic_write_json, load_torch_file
 from bvvit.model import VisionTransformer, count_parameters, load_pretrained
 from bvvit.model_file import model_file_holds, model_payload, state_dict_of
 from bvvit.run_dir import claim_training_dir
+from bvvit.system import library_versions, resolve_device
 from bvvit.train.checkpoint import (LAST, find_resume_checkpoint, restore_rng_state,
                                     restore_training_state, save_checkpoint, training_payload)
-from bvvit.train.distributed import (DistInfo, ShardedEpochSampler, ShardSampler, all_reduce_sums,
-                                     barrier, init_distributed)
 from bvvit.train.engine import (EpochProgress, NonFiniteLossError, choose_precision, epoch_metrics,
                                 train_one_epoch, validation_metrics, validation_sums)
 from bvvit.train.log import (TensorBoardSink, epoch_row, plot_training_curves,
                              write_metrics_csv)
+from bvvit.train.sampler import ShardedEpochSampler
 from bvvit.train.settings import check_model_fits, check_resume, settings_in_use
 from bvvit.train.signals import StopRequest, StopRequested
 
@@ -51,15 +51,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_val_acc: float
     total_time_s: float
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; "
-                          "use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def model_config_for_data(source: DataSource, img_size: Optional[int], num_classes: Optional[int],
@@ -371,4 +362,4 @@ def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre:
     }
 
 
-__all__ = ["fit", "TrainResult", "TrainingInterrupted", "model_config_for_data", "resolve_device", "MODEL_FILE"]
+__all__ = ["fit", "TrainResult", "TrainingInterrupted", "model_config_for_data", "MODEL_FILE"]

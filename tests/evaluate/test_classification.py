@@ -10,8 +10,8 @@ from bvvit.evaluate.classification import (
     classification_metrics,
     collect_logits,
     evaluate_classifier,
-    json_safe,
 )
+from bvvit.io import json_safe
 
 # 4 images, 3 classes. Predictions: 0 (right), 2 (true 1), 2 (right), 1 (true 0).
 LOGITS = torch.tensor([

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bvvit.train.distributed import DistInfo, ShardSampler, interleave_shards
+from bvvit.distributed import DistInfo, ShardSampler, interleave_shards
 
 
 @settings(max_examples=60, deadline=None)

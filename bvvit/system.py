@@ -1,4 +1,6 @@
-"""What machine and software a measurement came from, for reports next to latencies.
+"""The machine a run executes on: which device to use (:func:`resolve_device`), and what
+machine and software a measurement came from (:func:`system_info`, for reports next to
+latencies and in every run's config).
 
 Integer kernels depend on ISA extensions (AVX-512 VNNI, AMX), so a speed-up figure means
 little without them. Optional packages are looked up with importlib.metadata, never
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 
+from bvvit.errors import ConfigError
+
 CPUINFO_PATH = "/proc/cpuinfo"
 
 # ISA extensions that decide which int8/bf16 kernels PyTorch and ONNX Runtime can use.
@@ -30,6 +34,17 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, ...]] = {
     "safetensors": ("safetensors",),
     "matplotlib": ("matplotlib",),
 }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; asking
+    for CUDA on a machine without it is a one-line ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; "
+                          "use --device cpu (or auto)")
+    return torch.device(name)
 
 
 def system_info() -> dict[str, Any]:
@@ -125,3 +140,7 @@ def _cpu_capability() -> str | None:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
         return None
+
+
+__all__ = ["resolve_device", "system_info", "library_versions", "distribution_version", "parse_cpuinfo",
+           "ISA_FLAGS", "OPTIONAL_PACKAGES", "CPUINFO_PATH"]

@@ -1,17 +1,10 @@
-"""torchrun / DistributedDataParallel helpers, and the sampler every training run uses.
+"""torchrun helpers shared by training and post-training: the process group, collective
+sums and broadcasts, and sharded evaluation (:class:`ShardSampler`, :func:`gather_shards`).
 
 ``torchrun --nproc_per_node N run.py ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; we then use
 NCCL on CUDA and gloo on the CPU. Nothing here is home-made scale-out: DDP averages the
-gradients, we only shard the data and reduce the metrics.
-
-:class:`ShardedEpochSampler` defines each epoch's order ONCE, globally, from
-``(seed, epoch)``; rank ``r`` of ``W`` takes ``perm[r::W]``. With a per-rank batch of
-``B / W``, step ``s`` of all ranks together covers exactly ``perm[s*B:(s+1)*B]`` — the
-same images a single process with batch ``B`` sees at step ``s``. So a 2-process run
-matches a 1-process run with the same global batch, and a resume may use any number of
-ranks. ``set_start_step`` skips the batches an interrupted epoch already trained on.
-It yields ``(epoch, index)`` keys, from which :class:`bvvit.data.loaders.SeededAugmentation`
-seeds each image's augmentation: a sample looks the same on any rank and in any worker.
+gradients, we only shard the data and reduce the metrics. Imports no stage of the package
+(training's epoch sampler is :mod:`bvvit.train.sampler`).
 """
 
 from __future__ import annotations
@@ -24,8 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from bvvit.data.loaders import epoch_seed
-from bvvit.errors import ConfigError
 
 
 @dataclass
@@ -74,47 +65,6 @@ def all_reduce_sums(values: list[float], info: DistInfo, device: torch.device) -
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
-
-
-def per_rank_batch(global_batch: int, info: DistInfo) -> int:
-    if global_batch % info.world_size:
-        raise ConfigError(f"--batch-size {global_batch} (the global batch) is not divisible by the "
-                          f"{info.world_size} processes; choose a multiple of {info.world_size}")
-    return global_batch // info.world_size
-
-
-
-class ShardedEpochSampler(Sampler[tuple[int, int]]):
-    """Shuffled, rank-sharded ``(epoch, index)`` keys; whole global batches only (drop_last)."""
-
-    def __init__(self, num_samples: int, global_batch: int, info: DistInfo, seed: int = 0):
-        self.num_samples = num_samples
-        self.global_batch = global_batch
-        self.info = info
-        self.seed = seed
-        self.epoch = 0
-        self.start_step = 0
-        self.local_batch = per_rank_batch(global_batch, info)
-        self.steps_per_epoch = num_samples // global_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start_step = 0
-
-    def set_start_step(self, step: int) -> None:
-        """Skip the first ``step`` batches of the current epoch (mid-epoch resume)."""
-        self.start_step = step
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.local_batch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        perm = torch.randperm(self.num_samples, generator=generator)
-        used = perm[: self.steps_per_epoch * self.global_batch]  # whole global batches
-        mine = used[self.info.rank :: self.info.world_size]
-        epoch = self.epoch
-        return ((epoch, index) for index in mine[self.start_step * self.local_batch :].tolist())
 
 
 class ShardSampler(Sampler[int]):
@@ -177,5 +127,5 @@ def broadcast_from_main(value: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-__all__ = ["DistInfo", "gather_shards", "interleave_shards", "broadcast_from_main", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
-           "ShardedEpochSampler", "ShardSampler", "per_rank_batch"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sums",
+           "broadcast_from_main", "ShardSampler", "gather_shards", "interleave_shards"]

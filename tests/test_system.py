@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from bvvit.evaluate.system import (
+from bvvit.system import (
     ISA_FLAGS,
     distribution_version,
     library_versions,
