@@ -138,7 +138,7 @@ def build_parser() -> OneLineParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bvvit.config import LayerOverride
-    from bvvit.post_training import PTQJob, run
+    from bvvit.ptq.job import PTQJob, run
     from bvvit.quant.recipes import RECIPES
     from bvvit.system import resolve_device
 

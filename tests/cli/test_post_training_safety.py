@@ -242,10 +242,10 @@ def test_repeated_bit_depths_run_once(trained, tmp_path):
 
 
 def test_repeated_weight_activation_pairs_run_once(monkeypatch):
-    import bvvit.post_training
+    import bvvit.ptq.job
 
     jobs = []
-    monkeypatch.setattr(bvvit.post_training, "run", jobs.append)
+    monkeypatch.setattr(bvvit.ptq.job, "run", jobs.append)
     assert main(["--model-path", "m.pth", "--w-bits", "4", "8", "4", "--a-bits", "8", "8", "8"]) == 0
     assert jobs[0].bit_pairs == [(4, 8), (8, 8)]
 
@@ -266,14 +266,14 @@ def test_stored_relative_data_path_falls_back_to_the_stored_absolute_root(traine
     """Models of earlier versions stored the --data-path as typed (maybe relative) beside
     the absolute folder run.py resolved: that folder is used from any directory."""
     from bvvit.model_file import load_model_file
-    from bvvit.post_training import _stored_data_path
+    from bvvit.ptq.inputs import stored_data_path
 
     data = trained[0]
     loaded = load_model_file(trained[1] / "vit_model.pth")
     loaded.data = {"data_path": "relative/data", "kind": "folder", "root": str(data)}
-    assert _stored_data_path(loaded, "m.pth") == str(data)
+    assert stored_data_path(loaded, "m.pth") == str(data)
     loaded.data = {"data_path": "fashion-mnist", "kind": "fashion-mnist", "root": "/elsewhere"}
-    assert _stored_data_path(loaded, "m.pth") == "fashion-mnist"  # searched for, as before
+    assert stored_data_path(loaded, "m.pth") == "fashion-mnist"  # searched for, as before
 
 
 def test_empty_data_path_is_refused(trained, capsys):

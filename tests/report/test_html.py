@@ -112,7 +112,7 @@ def test_a_real_post_training_summary_renders(tmp_path):
     from bvvit.config import ModelConfig, Preprocessing
     from bvvit.model import VisionTransformer
     from bvvit.model_file import save_model_file
-    from bvvit.post_training import PTQJob, run
+    from bvvit.ptq import PTQJob, run
 
     data = make_image_folder(tmp_path / "data", per_class=4, size=16)
     torch.manual_seed(0)

@@ -1,0 +1,140 @@
+"""The results of a PTQ job: one row per variant (:data:`SUMMARY_COLUMNS`, the columns of
+summary.csv), the rows of the ONNX Runtime variants, ``summary.json`` / ``summary.csv`` and
+the console table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+from bvvit import __version__
+from bvvit.io import atomic_write_json, atomic_write_text, json_safe
+from bvvit.model_file import LoadedModel
+from bvvit.ptq.variants import Variant
+from bvvit.system import system_info
+
+SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
+                   "lost_vs_fp32", "gained_vs_fp32", "drop_p_value", "sqnr_db", "kl_div", "size_bytes",
+                   "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s"]
+NOTES = {
+    "kernel": "'simulated' = fake-quant in float (accuracy is exact for the integer model, "
+              "latency is NOT an integer-kernel speed); 'float' = the FP32 model",
+    "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
+                  "weights for quantized variants; the float32 state dict for fp32)",
+}
+
+
+def variant_row(v: Variant, latency: dict[int, Any], fp_bytes: int) -> dict[str, Any]:
+    """The summary.csv row of a PyTorch variant (FP32 or simulated quantized)."""
+    m = v.metrics
+    size = v.file["size_bytes"] if v.file else None
+    return {
+        "name": v.name,
+        "w_bits": v.config.w_bits if v.config else 32,
+        "a_bits": v.config.a_bits if v.config else 32,
+        "recipe": v.config.recipe if v.config else "float",
+        "top1": round(m["top1"], 4), "top5": round(m["top5"], 4),
+        "top1_drop": round(m["top1_drop"], 4), "agreement": round(m["agreement"], 4),
+        "lost_vs_fp32": m.get("lost_vs_reference"), "gained_vs_fp32": m.get("gained_vs_reference"),
+        "drop_p_value": _p(m.get("drop_p_value")),
+        "sqnr_db": m["sqnr_db"], "kl_div": m["kl_div"],
+        "size_bytes": size, "size_ratio": round(size / fp_bytes, 4) if size else None,
+        "latency_ms_b1": _lat(latency, 1), "latency_ms_b64": _lat(latency, 64),
+        "kernel": "float" if v.config is None else "simulated",
+        "calibration_time_s": round(v.report.get("calibration_time_s", 0.0), 3),
+    }
+
+
+def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
+    """summary.csv rows for the ONNX Runtime variants (real kernels)."""
+    names = {"fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "ort_fp32"),
+             "w8a8": ("onnx-w8a8", 8, 8, "onnxruntime-int8", "ort_w8a8"),
+             "w8a8_fused": ("onnx-w8a8-fused-attention", 8, 8, "onnxruntime-int8-qattention",
+                            "ort_w8a8_fused"),
+             "w4": ("onnx-w4", 4, 32, "onnxruntime-int4-weight-only", "ort_w4")}
+    latency = {(r["name"], r["batch_size"]): r["median_ms"] for r in result.get("latency", [])}
+    rows = []
+    for key, (name, w_bits, a_bits, kernel, acc_key) in names.items():
+        if key not in result.get("files", {}) or acc_key not in result.get("accuracy", {}):
+            continue
+        acc = result["accuracy"][acc_key]
+        size = result["size_bytes"].get(key)
+        rows.append({"name": name, "w_bits": w_bits, "a_bits": a_bits, "recipe": "onnx",
+                     "top1": round(acc["top1"], 4), "top5": None,
+                     "top1_drop": round(fp_top1 - acc["top1"], 4),
+                     "agreement": round(acc.get("agreement_with_fp32", float("nan")), 4),
+                     "lost_vs_fp32": acc.get("lost_vs_fp32"), "gained_vs_fp32": acc.get("gained_vs_fp32"),
+                     "drop_p_value": _p(acc.get("drop_p_value")),
+                     "sqnr_db": acc.get("sqnr_db_vs_sim"), "kl_div": None, "size_bytes": size,
+                     "size_ratio": round(size / fp_bytes, 4) if size else None,
+                     "latency_ms_b1": latency.get((acc_key, 1)), "latency_ms_b64": latency.get((acc_key, 64)),
+                     "kernel": kernel, "calibration_time_s": 0.0})
+    return rows
+
+
+def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calib_indices: list[int],
+                  variants: list[Variant], latency: dict[str, dict[int, Any]], fp_bytes: int) -> dict[str, Any]:
+    """The summary.json dict of the PyTorch variants (the job adds ONNX rows and its extras)."""
+    return json_safe({
+        "bvvit_version": __version__,
+        "model_path": str(job.model_path),
+        "model_config": loaded.config.to_dict(),
+        "class_names": loaded.class_names,
+        "data": data_desc,
+        "num_eval_images": variants[0].metrics["num_images"],
+        "seed": job.seed,
+        "calibration": {"size": len(calib_indices), "split": "train", "indices": calib_indices},
+        "recipe": job.recipe, "baseline": job.baseline,
+        "system": system_info(),
+        "rows": [variant_row(v, latency.get(v.name, {}), fp_bytes) for v in variants],
+        "variants": {v.name: {"metrics": v.metrics, "quant_config": v.config.to_dict() if v.config else None,
+                              "coverage": v.report.get("coverage"), "layers": v.report.get("layers"),
+                              "warnings": v.report.get("warnings", []),
+                              "calibration_time_s": v.report.get("calibration_time_s"),
+                              "file": v.file, "latency": latency.get(v.name)}
+                     for v in variants},
+        "notes": NOTES,
+    })
+
+
+def _p(value: Optional[float]) -> Optional[float]:
+    """A p-value to 4 significant digits (tiny ones stay visible, unlike round(p, 4))."""
+    return None if value is None else float(f"{value:.4g}")
+
+
+def _lat(lat: dict[int, Any], batch: int) -> Optional[float]:
+    entry = lat.get(batch)
+    return round(entry["median_ms"], 4) if entry else None
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """``summary.json`` (everything) and ``summary.csv`` (the rows, :data:`SUMMARY_COLUMNS`)."""
+    atomic_write_json(out / "summary.json", summary)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary["rows"])
+    atomic_write_text(out / "summary.csv", buffer.getvalue())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The console table of the summary rows."""
+    header = f"{'name':<16}{'top1':>8}{'drop':>8}{'agree':>8}{'lost/gain':>11}{'p':>6}{'SQNR dB':>9}" \
+             f"{'size KiB':>10}{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else \
+            "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        flips = "-" if r.get("lost_vs_fp32") is None else f"{r['lost_vs_fp32']}/{r['gained_vs_fp32']}"
+        p = "-" if r.get("drop_p_value") is None else \
+            f"{r['drop_p_value']:.2f}" if r["drop_p_value"] >= 0.01 else "<.01"
+        lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
+                     f"{flips:>11}{p:>6}{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
+                     f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")
+    return "\n".join(lines)
+
+
+__all__ = ["SUMMARY_COLUMNS", "variant_row", "onnx_rows", "build_summary", "write_summary", "format_table"]
