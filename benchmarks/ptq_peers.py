@@ -42,7 +42,7 @@ from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
-from bvvit.quant.onnx_runtime import make_session, session_fn  # noqa: E402
+from bvvit.runtime.onnxruntime import make_session, session_fn  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
 

@@ -61,10 +61,10 @@ from bvvit.evaluate.latency import measure_interleaved  # noqa: E402
 from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model import VisionTransformer  # noqa: E402
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
-from bvvit.quant.onnx_runtime import (make_session, numpy_fn, optimized_op_report,  # noqa: E402
-                                      session_fn)
 from bvvit.quant.quantize import quantize_model  # noqa: E402
 from bvvit.quant.recipes import DEFAULT_RECIPE, make_quant_config  # noqa: E402
+from bvvit.runtime.onnxruntime import (make_session, numpy_fn, optimized_op_report,  # noqa: E402
+                                       session_fn)
 from bvvit.system import system_info  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)

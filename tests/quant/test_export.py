@@ -19,11 +19,11 @@ from bvvit.evaluate.classification import sqnr_db
 from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
                                 export_w4_weight_only_onnx, matmul_nbits_tensors)
 from bvvit.quant.modules import OFF, ActQuantizer, QuantLinear, weight_modules
-from bvvit.quant.onnx_runtime import (INTEGER_OPS, evaluate_onnx, export_and_measure,
-                                      integer_op_report, load_onnx, make_session,
-                                      read_onnx_metadata, run_session)
+from bvvit.ptq.onnx import export_and_measure
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
+from bvvit.runtime.onnxruntime import (INTEGER_OPS, evaluate_onnx, integer_op_report, load_onnx, make_session,
+                                       read_onnx_metadata, run_session)
 from tests.quant.tiny import noise_loader
 
 PRE = Preprocessing(mean=(0.5,), std=(0.25,), img_size=16, in_chans=1)
