@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         correct[(w, a, method)] = logits.argmax(1) == labels
         row = {"w_bits": w, "a_bits": a, "method": method, "kind": kind, "top1": metrics["top1"],
                "drop": metrics["top1_drop"], "agreement": metrics["agreement"],
-               "lost_vs_fp32": metrics["lost_vs_reference"], "gained_vs_fp32": metrics["gained_vs_reference"],
+               "lost_vs_fp32": metrics["lost_vs_fp32"], "gained_vs_fp32": metrics["gained_vs_fp32"],
                "drop_p_value": metrics["drop_p_value"], "quantize_s": seconds}
         rows.append(row)
         flips = f"{row['lost_vs_fp32']}/{row['gained_vs_fp32']}"

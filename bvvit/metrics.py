@@ -1,6 +1,6 @@
-"""Quality measures of a quantized tensor or model output against a float reference.
-
-Shared by the quantization tests/primitives and the evaluation stage (one implementation).
+"""Quality measures of a quantized tensor or model output against a float reference: one
+function per quantity, used by every stage that reports it (the evaluation, the ONNX
+Runtime measurement, per-layer sensitivity and analysis, the tests).
 """
 
 from __future__ import annotations
@@ -26,6 +26,21 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return 10.0 * math.log10(signal_power / noise_power)
 
 
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of rows of ``logits`` (N, C) whose largest entry is at ``labels`` (N,)."""
+    predictions = torch.as_tensor(logits).argmax(dim=-1)
+    correct = int((predictions == torch.as_tensor(labels).reshape(-1).to(predictions.device)).sum())
+    return 100.0 * correct / predictions.shape[0]
+
+
+def agreement(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
+    """Percent of rows whose top-1 class is the same in ``test_logits`` as in
+    ``reference_logits`` (both (N, C), rows in the same image order)."""
+    reference = torch.as_tensor(reference_logits).argmax(dim=-1)
+    test = torch.as_tensor(test_logits).argmax(dim=-1).to(reference.device)
+    return 100.0 * int((reference == test).sum()) / reference.shape[0]
+
+
 def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> float:
     """Mean over rows of KL(softmax(reference) || softmax(test)), in nats."""
     reference_log_probs = F.log_softmax(torch.as_tensor(reference_logits).double(), dim=-1)
@@ -36,3 +51,6 @@ def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> 
     per_row = terms.sum(dim=-1)
     # KL >= 0; clamp the last-bit rounding of nearly identical rows.
     return max(0.0, float(per_row.mean()))
+
+
+__all__ = ["sqnr_db", "kl_divergence", "top1_accuracy", "agreement"]

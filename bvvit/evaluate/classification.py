@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from bvvit.distributed import gather_shards
 from bvvit.evaluate.significance import paired_comparison
-from bvvit.metrics import kl_divergence, sqnr_db
+from bvvit.metrics import agreement, kl_divergence, sqnr_db, top1_accuracy
 
 ModelOrFn = torch.nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,14 +104,15 @@ def classification_metrics(
     (``C x C`` ints, rows = true class, columns = predicted), ``class_names`` when given.
     Accuracies are percent.
 
-    With ``reference_logits`` (same shape, same image order, e.g. the float model's) also:
-    ``reference_top1``, ``top1_drop`` (reference top1 - top1, points), ``agreement``
-    (percent of images with the same top-1 class), ``lost_vs_reference`` /
-    ``gained_vs_reference`` (images only the reference / only these logits classify
-    correctly), ``drop_p_value`` (McNemar exact test on those two counts: how likely a
-    difference at least this uneven is by chance), ``sqnr_db``
+    With ``reference_logits`` (the float model's: same shape, same image order) also the
+    comparison with it, keyed as the columns of summary.csv: ``reference_top1``,
+    ``top1_drop`` (reference top1 - top1, points), ``agreement`` (percent of images with the
+    same top-1 class), ``lost_vs_fp32`` / ``gained_vs_fp32`` (images only the reference /
+    only these logits classify correctly), ``drop_p_value`` (McNemar exact test on those two
+    counts: how likely a difference at least this uneven is by chance), ``sqnr_db``
     (10 log10(sum ref^2 / sum (ref - test)^2); ``inf`` when identical) and ``kl_div``
-    (mean KL(softmax(ref) || softmax(test)), nats).
+    (mean KL(softmax(ref) || softmax(test)), nats). Each is computed by
+    :mod:`bvvit.metrics`.
     """
     logits_t = torch.as_tensor(logits).detach().cpu().double()
     labels_t = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
@@ -129,7 +130,7 @@ def classification_metrics(
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
 
     predictions = logits_t.argmax(dim=1)
-    top1 = _percent(int((predictions == labels_t).sum()), num_images)
+    top1 = top1_accuracy(logits_t, labels_t)
     k = min(5, num_classes)
     topk_indices = logits_t.topk(k, dim=1).indices
     top5 = _percent(int((topk_indices == labels_t[:, None]).any(dim=1).sum()), num_images)
@@ -165,13 +166,12 @@ def classification_metrics(
             raise ValueError(f"reference_logits shape {tuple(reference_t.shape)} differs "
                              f"from logits shape {tuple(logits_t.shape)}")
         reference_predictions = reference_t.argmax(dim=1)
-        reference_top1 = _percent(int((reference_predictions == labels_t).sum()), num_images)
+        reference_top1 = top1_accuracy(reference_t, labels_t)
         metrics["reference_top1"] = reference_top1
         metrics["top1_drop"] = reference_top1 - top1
-        metrics["agreement"] = _percent(
-            int((reference_predictions == predictions).sum()), num_images)
+        metrics["agreement"] = agreement(reference_t, logits_t)
         paired = paired_comparison(reference_predictions == labels_t, predictions == labels_t)
-        metrics["lost_vs_reference"], metrics["gained_vs_reference"] = paired.only_a, paired.only_b
+        metrics["lost_vs_fp32"], metrics["gained_vs_fp32"] = paired.only_a, paired.only_b
         metrics["drop_p_value"] = paired.p_value
         metrics["sqnr_db"] = sqnr_db(reference_t, logits_t)
         metrics["kl_div"] = kl_divergence(reference_t, logits_t)
@@ -219,3 +219,7 @@ def _dataset_size(loader: Iterable) -> int | None:
         return len(loader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         return None
+
+
+__all__ = ["collect_logits", "classification_metrics", "evaluate_classifier", "accuracy_noise_floor",
+           "ModelOrFn"]

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bvvit.io import json_safe
-from bvvit.metrics import kl_divergence, sqnr_db
+from bvvit.metrics import agreement, kl_divergence, sqnr_db, top1_accuracy
 from bvvit.quant.modules import OFF, QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.quantize import calibrate, prepare
 
@@ -188,8 +188,7 @@ def sensitivity(fp_model: nn.Module, make_config: Callable[[int, list], Any], ca
             base = runner.fill_cache(qmodel)
             use_given = reference_logits is not None and len(reference_logits) >= n
             reference = torch.as_tensor(reference_logits)[:n].float().cpu() if use_given else base
-        ref_pred = reference.argmax(1)
-        ref_top1 = 100.0 * float((ref_pred == labels).float().mean())
+        ref_top1 = top1_accuracy(reference, labels)
         depth = len(getattr(qmodel, "blocks", []))
         jobs = [(u, t) for u in units.values() for t in targets
                 if (t == "weights" and u.module is not None) or (t == "activations" and u.quantizers)]
@@ -200,12 +199,10 @@ def sensitivity(fp_model: nn.Module, make_config: Callable[[int, list], Any], ca
                 logits = runner.logits(qmodel, _block_index(u.name, depth))
             finally:
                 switch(False)
-            pred = logits.argmax(1)
-            top1 = 100.0 * float((pred == labels).float().mean())
+            top1 = top1_accuracy(logits, labels)
             rows.append({"layer": u.name, "op": u.op, "target": target, "bits": int(b),
                          "kl_div": kl_divergence(reference, logits), "top1": top1,
-                         "top1_drop": ref_top1 - top1,
-                         "agreement": 100.0 * float((pred == ref_pred).float().mean()),
+                         "top1_drop": ref_top1 - top1, "agreement": agreement(reference, logits),
                          "sqnr_db": sqnr_db(reference, logits), "images": n})
     rows.sort(key=lambda r: (-r["kl_div"], -r["top1_drop"], r["layer"], r["target"], r["bits"]))
     return json_safe(rows)

@@ -23,6 +23,9 @@ from bvvit.io import atomic_write_json, json_safe, sha256_file
 from bvvit.config import QuantConfig
 from bvvit.quant.storage import load_quantized_model
 
+# 2: metrics keyed as summary.csv's columns (lost_vs_fp32, ...)
+RECORD_FORMAT = 2
+
 
 def result_path(out: Path, name: str) -> Path:
     return out / "models" / f"vit_{name}.result.json"
@@ -34,8 +37,9 @@ def packed_path(out: Path, name: str) -> Path:
 
 def cache_base(model_path: str, data_desc: str, calib_indices: list[int], num_eval: int,
                float_dtype: str) -> dict[str, Any]:
-    """What a finished variant's result depends on besides its QuantConfig."""
-    return {"model_sha256": sha256_file(model_path), "data": data_desc,
+    """What a finished variant's result depends on besides its QuantConfig (and the record
+    layout: a record of an older layout is recomputed, never misread)."""
+    return {"record_format": RECORD_FORMAT, "model_sha256": sha256_file(model_path), "data": data_desc,
             "calib_indices_sha256": hashlib.sha256(json.dumps(calib_indices).encode()).hexdigest(),
             "num_eval": num_eval, "float_dtype": float_dtype, "bvvit_version": __version__}
 

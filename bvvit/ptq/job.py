@@ -142,8 +142,8 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
                                                 device=device, progress=job.progress)
     fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
     fp_bytes = fp_file["size_bytes"]
-    fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "lost_vs_reference": 0,
-                       "gained_vs_reference": 0, "drop_p_value": 1.0, "sqnr_db": math.inf, "kl_div": 0.0})
+    fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "lost_vs_fp32": 0,
+                       "gained_vs_fp32": 0, "drop_p_value": 1.0, "sqnr_db": math.inf, "kl_div": 0.0})
     variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
     print(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 

@@ -23,7 +23,7 @@ from bvvit.errors import BVViTError, WriteError
 from bvvit.evaluate.classification import classification_metrics, collect_logits
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.io import WRITE_ERRNOS
-from bvvit.metrics import sqnr_db
+from bvvit.metrics import agreement, sqnr_db
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.variants import Variant
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx, export_w4_weight_only_onnx
@@ -84,15 +84,10 @@ def _write_failure(exc: BaseException) -> Optional[str]:
 
 
 
-def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 100.0 * int((a.argmax(1) == b.argmax(1)).sum()) / a.shape[0]
-
-
 def _vs_fp32(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """Top-1 and the paired comparison with the float model on the same images."""
     m = classification_metrics(logits, labels, reference_logits=fp_logits)
-    return {"top1": m["top1"], "agreement_with_fp32": m["agreement"], "lost_vs_fp32": m["lost_vs_reference"],
-            "gained_vs_fp32": m["gained_vs_reference"], "drop_p_value": m["drop_p_value"]}
+    return {key: m[key] for key in ("top1", "agreement", "lost_vs_fp32", "gained_vs_fp32", "drop_p_value")}
 
 
 def _batch_of(loader: Iterable, size: int) -> torch.Tensor:
@@ -134,7 +129,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
       the fastest file), ``w4`` when exported)
     - ``size_bytes``: variant -> file size; ``size_ratio_to_fp32``: variant -> size / fp32 size
     - ``accuracy``: variant (``pytorch_fp32``, ``pytorch_w8a8_sim``, ``ort_fp32``, ``ort_w8a8``,
-      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement_with_fp32"}`` (percent),
+      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement"}`` (percent, agreement with FP32),
       ``lost_vs_fp32`` / ``gained_vs_fp32`` (images) and ``drop_p_value`` (McNemar); ort_w8a8 adds
       ``agreement_with_sim`` and ``sqnr_db_vs_sim``, ort_fp32 ``max_abs_diff_vs_pytorch``
     - ``checks``: ``fp32_top1_delta`` (ORT - PyTorch, points), ``fp32_within_0.01``,
@@ -203,7 +198,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     for name in files:
         accuracy[f"ort_{name}"] = _vs_fp32(logits[name], fp_logits, labels)
     accuracy["ort_fp32"]["max_abs_diff_vs_pytorch"] = float((logits["fp32"] - fp_logits).abs().max())
-    accuracy["ort_w8a8"]["agreement_with_sim"] = _agreement(logits["w8a8"], sim_logits)
+    accuracy["ort_w8a8"]["agreement_with_sim"] = agreement(sim_logits, logits["w8a8"])
     accuracy["ort_w8a8"]["sqnr_db_vs_sim"] = _finite(sqnr_db(sim_logits, logits["w8a8"]))
     fp_delta = accuracy["ort_fp32"]["top1"] - accuracy["pytorch_fp32"]["top1"]
     w8_delta = accuracy["ort_w8a8"]["top1"] - accuracy["pytorch_w8a8_sim"]["top1"]

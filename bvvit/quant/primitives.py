@@ -1,4 +1,4 @@
-"""Pure-tensor quantization primitives: granularity, qparams, (fake-)quantize, metrics.
+"""Pure-tensor quantization primitives: granularity, qparams, (fake-)quantize.
 
 Plain functions in the style of torchao's ``choose_qparams_affine`` /
 ``quantize_affine`` / ``dequantize_affine``; nothing here knows about models.
@@ -51,8 +51,6 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from bvvit.metrics import kl_divergence, sqnr_db
-
 __all__ = [
     "PerTensor",
     "PerChannel",
@@ -73,8 +71,6 @@ __all__ = [
     "dequantize_tensor",
     "fake_quantize_tensor",
     "QParams",
-    "sqnr",
-    "kl_divergence_logits",
 ]
 
 
@@ -431,11 +427,3 @@ class QParams:
             symmetric=bool(data["symmetric"]),
             granularity=granularity_from_dict(data["granularity"]),
         )
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-# One implementation for the whole package (see bvvit/metrics.py).
-sqnr = sqnr_db
-kl_divergence_logits = kl_divergence

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from bvvit.report.style import (MAIN_COLOR, Figure, _save, _skip, _style, display_name, lowest_main,
-                                main_recipe, main_series, num, signed)
+from bvvit.report.style import (MAIN_COLOR, Figure, _save, _skip, _style, activation_bits, display_name,
+                                lowest_main, main_recipe, main_series, num, rows_of, signed)
 
 
 # ------------------------------------------------------------------ activations and weights
@@ -28,20 +27,20 @@ def _log_y(ax: Any) -> None:
     ax.yaxis.set_minor_locator(NullLocator())
 
 
-def _bits_of(name: str) -> Optional[int]:
-    match = re.match(r"w(\d+)a(\d+)", name)
-    return int(match.group(2)) if match else None
-
-
 def _short_tensor(tensor_id: str) -> str:
     layer, _, kind = tensor_id.rpartition(":")
     role = {"linear_input": "input", "image": "input", "softmax": "", "residual": ""}.get(kind, kind)
     return f"{layer} {role}".strip()
 
 
-def by_bits(names: list[str]) -> list[str]:
-    """Variant names by activation bits, plain names (the run's recipe) before suffixed ones."""
-    return sorted(names, key=lambda n: (_bits_of(n) or 99, "-" in n, n))
+def by_bits(names: list[str], summary: Optional[dict[str, Any]]) -> list[str]:
+    """Variant names by activation bits (their rows in summary.json say), the run's own recipe
+    before the others; names without a row keep their order, after those with one."""
+    rows = {r["name"]: r for r in rows_of(summary or {})}
+    main = main_recipe(summary) if summary else None
+    known = sorted((n for n in names if n in rows),
+                   key=lambda n: (int(rows[n]["a_bits"]), rows[n].get("recipe") != main, n))
+    return known + [n for n in names if n not in rows]
 
 
 def default_variant(summary: Optional[dict[str, Any]], available: list[str]) -> Optional[str]:
@@ -49,7 +48,7 @@ def default_variant(summary: Optional[dict[str, Any]], available: list[str]) -> 
     low = lowest_main(summary) if summary else None
     if low is not None and low["name"] in available:
         return low["name"]
-    return (by_bits(available) or [None])[0]
+    return (by_bits(available, summary) or [None])[0]
 
 
 def _pick(items: list[Any], count: int = 3) -> list[Any]:
@@ -201,8 +200,8 @@ def sqnr_caption(sqnr: dict[str, Any], summary: Optional[dict[str, Any]] = None)
     if not names:
         return "No quantized tensors to compare."
     main = main_recipe(summary) if summary else None
-    main_names = [r["name"] for r in main_series(summary)] if summary else [n for n in names if "-" not in n]
-    ordered = by_bits([n for n in names if n in main_names] or names)
+    main_names = [r["name"] for r in main_series(summary)] if summary else names
+    ordered = by_bits([n for n in names if n in main_names] or names, summary)
     low, high = ordered[0], ordered[-1]
     values = [(num(v), t) for v, t in zip(sqnr["sqnr_db"][low], sqnr["tensors"]) if v is not None]
     worst_value, worst = min(values, key=lambda p: p[0])
@@ -210,7 +209,7 @@ def sqnr_caption(sqnr: dict[str, Any], summary: Optional[dict[str, Any]] = None)
             f"({worst_value:.1f} dB)")
     medians = {n: float(np.median([num(v) for v in sqnr["sqnr_db"][n] if v is not None and
                                    math.isfinite(num(v))] or [np.nan])) for n in (low, high)}
-    bits_low, bits_high = _bits_of(low), _bits_of(high)
+    bits_low, bits_high = activation_bits(summary, low), activation_bits(summary, high)
     if high != low and bits_low and bits_high and bits_high != bits_low:
         slope = (medians[high] - medians[low]) / (bits_high - bits_low)
         text += (f", and the median tensor SQNR{' (' + main + ')' if main else ''} rises {slope:.1f} dB per "

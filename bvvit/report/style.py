@@ -96,22 +96,28 @@ def main_recipe(summary: dict[str, Any]) -> Optional[str]:
     return summary.get("recipe") if summary.get("recipe") in recipes else (recipes[0] if recipes else None)
 
 
+def is_sweep_row(row: dict[str, Any]) -> bool:
+    """Whether ``row`` is a point of its recipe's bit-depth sweep: named ``wXaY`` (or
+    ``wXaY-recipe``) from its own ``w_bits``/``a_bits``/``recipe``, not e.g. a mixed-precision
+    variant."""
+    sweep_name = f"w{row['w_bits']}a{row['a_bits']}"
+    return row["name"] in (sweep_name, f"{sweep_name}-{row['recipe']}")
+
+
 def series(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Quantized rows by series (recipe, plus the kernel when it is not simulated; a row
-    named other than ``wXaY[-recipe]`` is a series of its own), main recipe first; each
-    series sorted by (w_bits, a_bits)."""
+    that is not a point of a sweep (:func:`is_sweep_row`) is a series of its own), main
+    recipe first; each series sorted by (w_bits, a_bits)."""
     main = main_recipe(summary)
     out: dict[str, list[dict[str, Any]]] = {}
     quantized = [r for r in rows_of(summary) if r.get("recipe") != FLOAT]
     quantized.sort(key=lambda r: (r.get("recipe") != main, r.get("kernel") != SIMULATED))
     for row in quantized:
         kernel = row.get("kernel") or SIMULATED
-        canonical = re.fullmatch(rf"w{row['w_bits']}a{row['a_bits']}(-{re.escape(str(row['recipe']))})?",
-                                 row["name"])
         if kernel != SIMULATED:
             label = f"{row['recipe']} · {kernel}"
         else:  # a recipe's sweep; anything else (e.g. a mixed-precision variant) stands alone
-            label = row["recipe"] if canonical else row["name"]
+            label = row["recipe"] if is_sweep_row(row) else row["name"]
         out.setdefault(label, []).append(row)
     for rows in out.values():
         rows.sort(key=lambda r: (r["w_bits"], r["a_bits"]))
@@ -120,6 +126,12 @@ def series(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def main_series(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return series(summary).get(main_recipe(summary) or "", [])
+
+
+def activation_bits(summary: Optional[dict[str, Any]], name: str) -> Optional[int]:
+    """The activation bits of variant ``name``, from its row in summary.json (None without one)."""
+    row = next((r for r in rows_of(summary or {}) if r["name"] == name), None)
+    return None if row is None else int(row["a_bits"])
 
 
 def bits_label(row: dict[str, Any]) -> str:

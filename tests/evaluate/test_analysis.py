@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from bvvit.config import LayerOverride, ModelConfig
 from bvvit.evaluate.analysis import (GROUPS, activation_statistics, float_twin, grid_range, per_layer_sqnr,
                                      quantizer_ids, run_analysis, weight_statistics)
-from bvvit.evaluate.classification import kl_divergence
 from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
+from bvvit.metrics import kl_divergence
 from bvvit.model import VisionTransformer
 from bvvit.quant.modules import QuantLinear
 from bvvit.quant.quantize import quantize_model

@@ -170,3 +170,14 @@ def test_collect_logits_rejects_non_logits_output():
     _, _, _, loader = _tiny_model_and_loader()
     with pytest.raises(TypeError):
         collect_logits(lambda x: (x, x), loader)
+
+
+def test_comparison_keys_are_the_summary_columns():
+    """One key per quantity end to end: what classification_metrics calls a comparison with
+    the float model is what summary.csv calls it (no renaming on the way)."""
+    from bvvit.ptq.summary import SUMMARY_COLUMNS
+
+    metrics = classification_metrics(LOGITS, LABELS, reference_logits=LOGITS.flip(0))
+    comparison = {"top1", "top5", "top1_drop", "agreement", "lost_vs_fp32", "gained_vs_fp32", "drop_p_value",
+                  "sqnr_db", "kl_div"}
+    assert comparison <= set(metrics) and comparison <= set(SUMMARY_COLUMNS)

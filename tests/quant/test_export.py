@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bvvit.config import LayerOverride, Preprocessing, TensorQuantSpec
 from bvvit.errors import CheckpointError, ConfigError
-from bvvit.evaluate.classification import sqnr_db
 from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
                                 export_w4_weight_only_onnx, matmul_nbits_tensors)
 from bvvit.quant.modules import OFF, ActQuantizer, QuantLinear, weight_modules
+from bvvit.metrics import sqnr_db
 from bvvit.ptq.onnx import export_and_measure
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
@@ -257,7 +257,7 @@ def test_export_and_measure_reports_everything(model, qmodel, images, tmp_path):
     assert result["w8a8_fused"]["exported"] and result["w8a8_fused"]["integer_ops"]["QAttention"] == 2
     assert result["size_ratio_to_fp32"]["w8a8"] < 0.75  # 0.27 at 6x192; graph overhead here
     assert result["checks"]["w8a8_integer_ops"] and result["checks"]["fp32_within_0.01"]
-    assert result["accuracy"]["ort_fp32"]["agreement_with_fp32"] == 100.0
+    assert result["accuracy"]["ort_fp32"]["agreement"] == 100.0
     assert result["w4"] == {"exported": False, "error": None}
     rows = {(r["name"], r["batch_size"]) for r in result["latency"]}
     assert rows == {(n, b) for n in ("pytorch_fp32", "ort_fp32", "ort_w8a8", "ort_w8a8_fused") for b in (1, 4)}

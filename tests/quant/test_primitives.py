@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bvvit.metrics import sqnr_db
 from bvvit.quant.primitives import (
     PerChannel,
     PerGroup,
@@ -21,11 +22,9 @@ from bvvit.quant.primitives import (
     from_groups,
     granularity_from_dict,
     granularity_to_dict,
-    kl_divergence_logits,
     qrange,
     quantize,
     reduce_minmax,
-    sqnr,
     to_groups,
     to_rows,
 )
@@ -319,7 +318,7 @@ def test_per_group_error_bound(bits, symmetric):
     assert torch.equal(qp.dequantize(qp.quantize(w)), out)
     # smaller groups fit the data more tightly than one range per row
     qc = QParams(*choose_qparams(*reduce_minmax(w, PerChannel(0)), bits, symmetric), bits, symmetric, PerChannel(0))
-    assert sqnr(w, out) >= sqnr(w, qc.fake_quantize(w))
+    assert sqnr_db(w, out) >= sqnr_db(w, qc.fake_quantize(w))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -364,27 +363,3 @@ def test_qparams_json_round_trip_is_exact(granularity, bits):
     assert (back.bits, back.symmetric, back.granularity) == (bits, False, granularity)
     assert (back.qmin, back.qmax) == qrange(bits, False)
     assert torch.equal(back.fake_quantize(w), qp.fake_quantize(w))
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def test_sqnr_values():
-    x = _weight(1, (100,))
-    assert sqnr(x, x) == math.inf
-    noise = 0.1 * x
-    assert sqnr(x, x + noise) == pytest.approx(20.0)
-    qp = QParams(*choose_qparams(*reduce_minmax(x, PerTensor()), 8, True), 8, True)
-    assert sqnr(x, qp.fake_quantize(x)) > 30
-
-
-def test_kl_divergence_logits():
-    ref = _weight(2, (6, 10))
-    assert kl_divergence_logits(ref, ref) == pytest.approx(0.0, abs=1e-12)
-    test = ref + _weight(3, (6, 10))
-    expected = F.kl_div(F.log_softmax(test, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
-    assert kl_divergence_logits(ref, test) == pytest.approx(float(expected), rel=1e-5)
-    assert kl_divergence_logits(ref, test) > 0
-    # a class with zero probability under ref contributes nothing
-    ref_inf = torch.tensor([[0.0, float("-inf")]])
-    assert kl_divergence_logits(ref_inf, torch.tensor([[0.0, 3.0]])) == pytest.approx(math.log1p(math.exp(3.0)))

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bvvit.config import LayerOverride
 from bvvit.errors import CheckpointError, ConfigError
+from bvvit.metrics import sqnr_db
 from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
-from bvvit.quant.primitives import sqnr
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import RECIPES, make_quant_config
 from bvvit.quant.storage import load_quantized_model, read_metadata, save_quantized_model
@@ -79,7 +79,7 @@ def test_error_falls_as_bits_rise(model, images, recipe):
     calib = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=4)
     with torch.no_grad():
         ref = model(images)
-        errors = {bits: sqnr(ref, quantize_model(model, make_quant_config(recipe, bits, bits), calib)[0](images))
+        errors = {bits: sqnr_db(ref, quantize_model(model, make_quant_config(recipe, bits, bits), calib)[0](images))
                   for bits in (4, 8, 16)}
     assert errors[4] < errors[8] < errors[16]
     # percentile clips the top 0.01% on purpose, which bounds its 16-bit SQNR

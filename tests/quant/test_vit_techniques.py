@@ -8,11 +8,12 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from bvvit.config import ModelConfig
+from bvvit.metrics import sqnr_db
 from bvvit.model import VisionTransformer
 from bvvit.quant.gptq import gptq_codes, input_hessians
 from bvvit.quant.log2 import Log2Observer, LogQParams, qparams_from_dict
 from bvvit.quant.observers import make_observer
-from bvvit.quant.primitives import PerChannel, QParams, sqnr
+from bvvit.quant.primitives import PerChannel, QParams
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
 from bvvit.quant.reparam import channel_ranges, norm_linear_pairs, reparameterize_layernorms
@@ -51,8 +52,8 @@ def test_log2_beats_uniform_on_softmax_at_4_bits():
     log_obs.update(probs)
     uni = make_observer("minmax")
     uni.update(probs)
-    log_err = sqnr(probs, log_obs.compute_qparams(4).fake_quantize(probs))
-    uni_err = sqnr(probs, uni.compute_qparams(4).fake_quantize(probs))
+    log_err = sqnr_db(probs, log_obs.compute_qparams(4).fake_quantize(probs))
+    uni_err = sqnr_db(probs, uni.compute_qparams(4).fake_quantize(probs))
     assert log_err > uni_err + 3
 
 
@@ -133,7 +134,7 @@ def test_each_recipe_runs_end_to_end(recipe):
     qmodel, report = quantize_model(model, make_quant_config(recipe, 4, 4), _loader())
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
-        assert math.isfinite(sqnr(model(x), qmodel(x)))
+        assert math.isfinite(sqnr_db(model(x), qmodel(x)))
     assert report.calibration_time_s > 0
 
 
@@ -144,7 +145,7 @@ def test_vit_recipe_beats_mse_at_w4a4():
     loader = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=32)
     with torch.no_grad():
         ref = model(x)
-        errors = {r: sqnr(ref, quantize_model(model, make_quant_config(r, 4, 4), loader)[0](x))
+        errors = {r: sqnr_db(ref, quantize_model(model, make_quant_config(r, 4, 4), loader)[0](x))
                   for r in ("mse", "vit")}
     assert errors["vit"] > errors["mse"] + 2
 

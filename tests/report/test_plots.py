@@ -304,3 +304,18 @@ def test_write_report_writes_csv_and_links_training_curves(report, tmp_path):
     assert "Training reached its best validation top-1 of 80.25% at epoch 2 of 3." in page
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "](../training/training_curves.png)" in markdown
+
+
+def test_sqnr_caption_reads_the_bits_from_the_rows_not_the_names():
+    """Variant names are labels: the bit depths come from the rows of summary.json."""
+    from bvvit.report.analysis_plots import sqnr_caption
+
+    sqnr = {"variants": ["fine", "coarse"], "tensors": [{"id": "a:linear_input"}, {"id": "b:linear_input"}],
+            "sqnr_db": {"fine": [40.0, 44.0], "coarse": [20.0, 24.0]}}
+    summary = {"recipe": "mse", "rows": [
+        {"name": "fp32", "w_bits": 32, "a_bits": 32, "recipe": "float", "kernel": "float"},
+        {"name": "coarse", "w_bits": 4, "a_bits": 4, "recipe": "mse", "kernel": "simulated"},
+        {"name": "fine", "w_bits": 8, "a_bits": 8, "recipe": "mse", "kernel": "simulated"}]}
+    caption = sqnr_caption(sqnr, summary)
+    assert caption.startswith("At coarse the noisiest quantized activation is a input (20.0 dB)")
+    assert "rises 5.0 dB per bit from 22.0 dB to 42.0 dB at fine" in caption
