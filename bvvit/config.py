@@ -274,7 +274,8 @@ class Preprocessing:
         return _from_dict(cls, data)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "Preprocessing", "TensorQuantSpec", "LayerOverride", "QuantConfig"]
+__all__ = ["ModelConfig", "TrainConfig", "Preprocessing", "TensorQuantSpec", "LayerOverride", "QuantConfig",
+           "flag_name", "MAX_IMG_SIZE", "MAX_TOKENS", "MAX_SEED", "INTERPOLATIONS"]
 
 
 # ------------------------------------------------------------------------- quantization

@@ -2,8 +2,9 @@
 
 Every module of ``bvvit/`` is parsed (not imported) and each of its imports of another
 ``bvvit`` module, lazy ones inside functions included, is checked against :data:`ALLOWED`:
-the areas a module's area may import. A second rule: no module imports another module's
-private (``_underscore``) name; what is shared is public and listed in ``__all__``.
+the areas a module's area may import. Two more rules: no module imports another module's
+private (``_underscore``) name, and a name taken from a module that declares ``__all__`` is
+listed there: what is shared is public and says so.
 
 A new top-level module or package must be given an area here, so the rules are decided
 when it is added, not discovered later.
@@ -12,6 +13,7 @@ when it is added, not discovered later.
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class Violation:
     path: str
     line: int
     message: str
-    kind: str = "layer"  # layer: an arrow pointing the wrong way; private: a private name shared
+    kind: str = "layer"  # layer: an arrow the wrong way; private: a private name shared; all: not in __all__
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.message}"
@@ -74,12 +76,25 @@ def imported_modules(tree: ast.AST, module: str, is_package: bool) -> list[tuple
     return found
 
 
+def declared_all(tree: ast.Module) -> set[str] | None:
+    """The names in a module's ``__all__`` (None when it declares none)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return None
+
+
 def check_package(package_dir: Path, allowed: dict[str, set[str]], areas: dict[str, str]) -> list[Violation]:
     """Every import of ``package_dir``'s modules that breaks ``allowed`` (by area), imports a
-    private name of another module, or comes from a module no area is given for."""
+    private name of another module or a name missing from that module's ``__all__``, or
+    comes from a module no area is given for."""
     root, package = package_dir.parent, package_dir.name
+    paths = sorted(package_dir.rglob("*.py"))
+    trees = {module_name(path, root): ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+             for path in paths}
+    exported = {module: declared_all(tree) for module, tree in trees.items()}
     violations = []
-    for path in sorted(package_dir.rglob("*.py")):
+    for path in paths:
         module = module_name(path, root)
         rel = path.relative_to(root).as_posix()
         parts = module.split(".")
@@ -87,8 +102,7 @@ def check_package(package_dir: Path, allowed: dict[str, set[str]], areas: dict[s
         if area is None:
             violations.append(Violation(rel, 1, f"{module} has no area in the import rules; add it"))
             continue
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-        for line, target, names in imported_modules(tree, module, path.name == "__init__.py"):
+        for line, target, names in imported_modules(trees[module], module, path.name == "__init__.py"):
             target_parts = target.split(".")
             if target_parts[0] != package:
                 continue
@@ -101,11 +115,31 @@ def check_package(package_dir: Path, allowed: dict[str, set[str]], areas: dict[s
             if private and target != module:
                 violations.append(Violation(rel, line, f"imports private {', '.join(private)} from {target}",
                                             "private"))
+            unlisted = [n for n in names if exported.get(target) is not None and n not in exported[target]
+                        and f"{target}.{n}" not in trees and not n.startswith("_")]
+            if unlisted and target != module:
+                violations.append(Violation(rel, line, f"imports {', '.join(unlisted)} from {target}, whose "
+                                            "__all__ does not list it", "all"))
     return violations
 
 
+@functools.lru_cache(maxsize=1)
+def package_violations() -> tuple[Violation, ...]:
+    return tuple(check_package(ROOT / "bvvit", ALLOWED, AREAS))
+
+
 def test_the_package_keeps_its_import_rules():
-    violations = [v for v in check_package(ROOT / "bvvit", ALLOWED, AREAS) if v.kind == "layer"]
+    violations = [v for v in package_violations() if v.kind == "layer"]
+    assert not violations, "\n".join(map(str, violations))
+
+
+def test_no_module_takes_a_private_name_of_another():
+    violations = [v for v in package_violations() if v.kind == "private"]
+    assert not violations, "\n".join(map(str, violations))
+
+
+def test_shared_names_are_listed_in_all():
+    violations = [v for v in package_violations() if v.kind == "all"]
     assert not violations, "\n".join(map(str, violations))
 
 
@@ -118,6 +152,8 @@ def test_every_area_has_rules():
     ("def later():\n    import fake.train.loop\n", "quant imports train (fake.train.loop)"),
     ("from ..report import draw\n", "quant imports report (fake.report)"),
     ("from fake.quant.helpers import _private\n", "imports private _private from fake.quant.helpers"),
+    ("from fake.quant.helpers import unlisted\n",
+     "imports unlisted from fake.quant.helpers, whose __all__ does not list it"),
 ])
 def test_a_planted_violation_is_reported(tmp_path, source, expected):
     package = tmp_path / "fake"
@@ -125,7 +161,7 @@ def test_a_planted_violation_is_reported(tmp_path, source, expected):
         (package / folder).mkdir(parents=True)
         (package / folder / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "quant" / "helpers.py").write_text("_private = 1\n")
+    (package / "quant" / "helpers.py").write_text("_private = unlisted = listed = 1\n__all__ = ['listed']\n")
     (package / "quant" / "export.py").write_text(source)
     areas = {"fake": "fake", "quant": "quant", "evaluate": "evaluate", "train": "train", "report": "report"}
     allowed = {"fake": set(), "quant": {"fake"}, "evaluate": {"fake", "quant"}, "train": {"fake"},

@@ -156,4 +156,4 @@ def build_dataset(source: DataSource, split: str, transform: Optional[Callable] 
     return dataset
 
 
-__all__ = ["DataSource", "resolve_data", "build_dataset"]
+__all__ = ["DataSource", "resolve_data", "build_dataset", "FASHION_MNIST"]

@@ -12,9 +12,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from bvvit.evaluate.tensor_taps import (GROUPS, _as_dict, _device, _distinct_twins, _float_hooks, _get,
-                                        _layer_of, _tensor_info, _twins, float_reference, quantizer_ids,
-                                        take_batches)
+from bvvit.evaluate.tensor_taps import (GROUPS, as_variants, distinct_twins, find_submodule, float_hooks,
+                                        float_reference, float_twins, layer_of, model_device, quantizer_ids,
+                                        take_batches, tensor_info)
 from bvvit.io import json_safe
 from bvvit.metrics import sqnr_db
 from bvvit.quant.log2 import LogQParams
@@ -109,9 +109,9 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
     "std", "abs_max", "percentiles": {"99.9": ...}, "histogram": {"edges", "counts"},
     "quant": {variant: {"bits", "lo", "hi", "step", "granularity", "clipped_fraction", ...}}}``.
     """
-    variants = _as_dict(qmodel)
+    variants = as_variants(qmodel)
     reference = float_reference(fp_model)
-    device = _device(reference)
+    device = model_device(reference)
     images = take_batches(loader, max_batches)
     generator = torch.Generator().manual_seed(0)
     per_batch = max(1, sample_size // len(images))
@@ -120,13 +120,13 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
     def first_pass(tid: str, x: torch.Tensor) -> None:
         running.setdefault(tid, _Running(per_batch, generator)).update(x)
 
-    with _float_hooks(reference, first_pass):
+    with float_hooks(reference, first_pass):
         for batch in images:
             reference(batch.to(device))
 
     ranges = {name: {tid: grid_range(q.qparams) for tid, q in quantizer_ids(model) if q.qparams is not None}
               for name, model in variants.items()}
-    twins = _twins(fp_model, variants, reference)
+    twins = float_twins(fp_model, variants, reference)
     edges = {tid: _edges(r.min, r.max, bins) for tid, r in running.items()}
     counts = {tid: torch.zeros(bins, dtype=torch.float64) for tid in running}
     clipped = {tid: {name: 0 for name in variants if tid in ranges[name]} for tid in running}
@@ -136,7 +136,7 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         lo, hi = edges[tid][0], edges[tid][-1]
         counts[tid] += torch.histc(flat.clamp(lo, hi), bins, lo, hi).double()
         for name in clipped[tid]:
-            if _layer_of(tid) not in twins[name][1]:
+            if layer_of(tid) not in twins[name][1]:
                 clipped[tid][name] += _count_clipped(flat, ranges[name][tid])
 
     def twin_pass(names: list[str]) -> Callable[[str, torch.Tensor], None]:
@@ -147,11 +147,11 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
                     clipped[tid][name] += _count_clipped(flat, ranges[name][tid])
         return count
 
-    with _float_hooks(reference, second_pass):
+    with float_hooks(reference, second_pass):
         for batch in images:
             reference(batch.to(device))
-    for twin, layers, names in _distinct_twins(twins):
-        with _float_hooks(twin, twin_pass(names), layers):
+    for twin, layers, names in distinct_twins(twins):
+        with float_hooks(twin, twin_pass(names), layers):
             for batch in images:
                 twin(batch.to(device))
 
@@ -160,7 +160,7 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         sample = torch.cat(r.samples)
         mean = r.total / r.count
         quantiles = torch.quantile(sample.double(), torch.tensor(PERCENTILES, dtype=torch.float64) / 100)
-        entry = {**_tensor_info(tid), "count": r.count, "min": r.min, "max": r.max, "mean": mean,
+        entry = {**tensor_info(tid), "count": r.count, "min": r.min, "max": r.max, "mean": mean,
                  "std": max(0.0, r.total_sq / r.count - mean * mean) ** 0.5,
                  "abs_max": max(abs(r.min), abs(r.max)),
                  "percentiles": {_pct_key(p): float(v) for p, v in zip(PERCENTILES, quantiles)},
@@ -168,7 +168,7 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
                  "quant": {}}
         for name, n_clipped in clipped[tid].items():
             entry["quant"][name] = {**ranges[name][tid], "clipped_fraction": n_clipped / r.count}
-            if _layer_of(tid) in twins[name][1]:
+            if layer_of(tid) in twins[name][1]:
                 entry["quant"][name]["reparameterized"] = True
         tensors.append(entry)
     return json_safe({"images": sum(int(b.shape[0]) for b in images), "bins": bins,
@@ -222,9 +222,9 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
     "quant": {variant: {"bits", "lo", "hi", "lo_median", "hi_median", "step",
     "granularity", "levels"?, "sqnr_db", "clipped_fraction", "reparameterized"?}}}]}``.
     """
-    variants = _as_dict(qmodels)
+    variants = as_variants(qmodels)
     layers = default_weight_layers(fp_model) if layers is None else layers
-    twins = _twins(fp_model, variants, float_reference(fp_model))
+    twins = float_twins(fp_model, variants, float_reference(fp_model))
     out = []
     for layer in layers:
         weight = fp_model.get_submodule(layer).weight.detach().float().cpu()
@@ -236,7 +236,7 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
                  "std": float(flat.std()) if flat.numel() > 1 else 0.0,
                  "histogram": {"edges": edges, "counts": [int(c) for c in counts]}, "quant": {}}
         for name, model in variants.items():
-            module = _get(model, layer)
+            module = find_submodule(model, layer)
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
                 twin, reparameterized = twins[name]
                 float_weight = twin.get_submodule(layer).weight.detach().float().cpu()

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from bvvit.evaluate.activation_stats import weight_layer_names
-from bvvit.evaluate.tensor_taps import (_as_dict, _device, _distinct_twins, _float_hooks, _get, _layer_of,
-                                        _quantizer_hooks, _tensor_info, _twins, float_reference, take_batches)
+from bvvit.evaluate.tensor_taps import (as_variants, distinct_twins, find_submodule, float_hooks, float_reference,
+                                        float_twins, layer_of, model_device, quantizer_hooks, take_batches,
+                                        tensor_info)
 from bvvit.io import json_safe
 from bvvit.metrics import sqnr_db
 from bvvit.quant.modules import QuantConv2d, QuantLinear
@@ -33,10 +34,10 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
     (execution order), "sqnr_db": {variant: [dB or None (float there), ...]},
     "weights": {"layers": [...], "sqnr_db": {variant: [...]}}}``.
     """
-    variants = _as_dict(qmodels)
+    variants = as_variants(qmodels)
     reference = float_reference(fp_model)
-    twins = _twins(fp_model, variants, reference)
-    device = _device(reference)
+    twins = float_twins(fp_model, variants, reference)
+    device = model_device(reference)
     images = take_batches(loader, max_batches)
     order: list[str] = []
     sums = {name: {} for name in variants}  # variant -> tid -> [signal, noise]
@@ -49,11 +50,11 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
         def keep(tid: str, x: torch.Tensor, store: dict[str, torch.Tensor] = float_tensors) -> None:
             store.setdefault(tid, x.detach())
 
-        with _float_hooks(reference, keep):
+        with float_hooks(reference, keep):
             reference(batch)
-        for twin, layers, _ in _distinct_twins(twins):
+        for twin, layers, _ in distinct_twins(twins):
             store = twin_tensors.setdefault(id(twin), {})
-            with _float_hooks(twin, lambda tid, x, store=store: keep(tid, x, store), layers):
+            with float_hooks(twin, lambda tid, x, store=store: keep(tid, x, store), layers):
                 twin(batch)
         for tid in float_tensors:
             if tid not in order:
@@ -63,7 +64,7 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
 
             def compare(tid: str, out: torch.Tensor, name: str = name, layers: set[str] = layers,
                         twin: nn.Module = twin) -> None:
-                if _layer_of(tid) in layers:
+                if layer_of(tid) in layers:
                     ref = twin_tensors[id(twin)].get(tid)
                 else:
                     ref = float_tensors.get(tid)
@@ -74,8 +75,8 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
                 acc[0] += float((ref64 ** 2).sum())
                 acc[1] += float(((ref64 - out.detach().to(ref.device).double()) ** 2).sum())
 
-            with _quantizer_hooks(model, compare):
-                model(batch.to(_device(model)))
+            with quantizer_hooks(model, compare):
+                model(batch.to(model_device(model)))
 
     table = {name: [_sqnr_from(sums[name].get(tid)) for tid in order] for name in variants}
     weight_layers = weight_layer_names(fp_model)
@@ -83,7 +84,7 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
     for name, model in variants.items():
         row = []
         for layer in weight_layers:
-            module = _get(model, layer)
+            module = find_submodule(model, layer)
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
                 row.append(sqnr_db(twins[name][0].get_submodule(layer).weight.detach().cpu(),
                                    module.weight.detach().cpu()))
@@ -91,7 +92,7 @@ def per_layer_sqnr(fp_model: nn.Module, qmodels: Mapping[str, nn.Module], loader
                 row.append(None)
         weight_table[name] = row
     return json_safe({"images": sum(int(b.shape[0]) for b in images), "variants": list(variants),
-                      "tensors": [_tensor_info(tid) for tid in order], "sqnr_db": table,
+                      "tensors": [tensor_info(tid) for tid in order], "sqnr_db": table,
                       "weights": {"layers": weight_layers, "sqnr_db": weight_table}})
 
 

@@ -53,7 +53,8 @@ def tensor_group(layer: str, kind: str) -> str:
     return "post_layernorm"  # qkv, fc1 and head read LayerNorm outputs
 
 
-def _tensor_info(tensor_id: str) -> dict[str, str]:
+def tensor_info(tensor_id: str) -> dict[str, str]:
+    """``{"id", "layer", "kind", "group"}`` of tensor ``"<layer>:<kind>"``."""
     layer, _, kind = tensor_id.rpartition(":")
     return {"id": tensor_id, "layer": layer, "kind": kind, "group": tensor_group(layer, kind)}
 
@@ -83,7 +84,7 @@ def float_twin(fp_model: nn.Module, qmodel: nn.Module, reference: Optional[nn.Mo
         return reference, set()
     changed: list[tuple[str, str]] = []
     for norm_name, linear_name in norm_linear_pairs(reference):
-        fp_norm, q_norm = reference.get_submodule(norm_name), _get(qmodel, norm_name)
+        fp_norm, q_norm = reference.get_submodule(norm_name), find_submodule(qmodel, norm_name)
         if not isinstance(q_norm, nn.LayerNorm) or q_norm.weight is None:
             continue
         if not (torch.equal(fp_norm.weight, q_norm.weight.to(fp_norm.weight.device)) and
@@ -102,7 +103,7 @@ def float_twin(fp_model: nn.Module, qmodel: nn.Module, reference: Optional[nn.Mo
     return twin, {linear for _, linear in changed}
 
 
-def _twins(fp_model: nn.Module, variants: Mapping[str, nn.Module], reference: nn.Module
+def float_twins(fp_model: nn.Module, variants: Mapping[str, nn.Module], reference: nn.Module
            ) -> dict[str, tuple[nn.Module, set[str]]]:
     """:func:`float_twin` of every variant; variants with the same LayerNorms share one."""
     out: dict[str, tuple[nn.Module, set[str]]] = {}
@@ -110,7 +111,7 @@ def _twins(fp_model: nn.Module, variants: Mapping[str, nn.Module], reference: nn
     for name, model in variants.items():
         digest = hashlib.sha1()
         for norm_name, _ in norm_linear_pairs(reference) if hasattr(reference, "blocks") else []:
-            norm = _get(model, norm_name)
+            norm = find_submodule(model, norm_name)
             if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
                 digest.update(norm.weight.detach().cpu().numpy().tobytes())
                 digest.update(norm.bias.detach().cpu().numpy().tobytes())
@@ -142,7 +143,7 @@ def _tap_points(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[int
 
 
 @contextmanager
-def _float_hooks(model: nn.Module, record: Callable[[str, torch.Tensor], None],
+def float_hooks(model: nn.Module, record: Callable[[str, torch.Tensor], None],
                  layers: Optional[set[str]] = None) -> Iterator[None]:
     """Call ``record(tensor id, tensor)`` at every tap point (of ``layers`` only, if given)."""
     handles = []
@@ -169,7 +170,9 @@ def quantizer_ids(qmodel: nn.Module) -> list[tuple[str, ActQuantizer]]:
 
 
 @contextmanager
-def _quantizer_hooks(qmodel: nn.Module, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def quantizer_hooks(qmodel: nn.Module, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``record(tensor id, quantizer output)`` for every activation quantizer of
+    ``qmodel`` while the block runs."""
     handles = [q.register_forward_hook(lambda _m, _args, out, tid=tid: record(tid, out))
                for tid, q in quantizer_ids(qmodel)]
     try:
@@ -191,12 +194,14 @@ def take_batches(loader: Iterable, max_batches: Optional[int]) -> list[torch.Ten
     return images
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _as_dict(qmodels: Any) -> dict[str, nn.Module]:
+def as_variants(qmodels: Any) -> dict[str, nn.Module]:
+    """``{variant name: model}`` from None, one model (named ``quantized``) or a mapping."""
     if qmodels is None:
         return {}
     if isinstance(qmodels, nn.Module):
@@ -204,12 +209,13 @@ def _as_dict(qmodels: Any) -> dict[str, nn.Module]:
     return dict(qmodels)
 
 
-def _layer_of(tensor_id: str) -> str:
+def layer_of(tensor_id: str) -> str:
+    """The module name of tensor ``"<layer>:<kind>"``."""
     return tensor_id.rpartition(":")[0]
 
 
-def _distinct_twins(twins: dict[str, tuple[nn.Module, set[str]]]
-                    ) -> list[tuple[nn.Module, set[str], list[str]]]:
+def distinct_twins(twins: dict[str, tuple[nn.Module, set[str]]]
+                   ) -> list[tuple[nn.Module, set[str], list[str]]]:
     """(twin, its reparameterized layers, the variants sharing it) for twins that differ
     from the plain reference."""
     groups: dict[int, tuple[nn.Module, set[str], list[str]]] = {}
@@ -219,8 +225,14 @@ def _distinct_twins(twins: dict[str, tuple[nn.Module, set[str]]]
     return list(groups.values())
 
 
-def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
+def find_submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """``model``'s submodule ``name``, or None when it has none of that name."""
     try:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+__all__ = ["GROUPS", "tensor_group", "tensor_info", "float_reference", "float_twin", "float_twins",
+           "distinct_twins", "float_hooks", "quantizer_ids", "quantizer_hooks", "take_batches", "model_device",
+           "as_variants", "layer_of", "find_submodule"]

@@ -23,7 +23,7 @@ from bvvit.io import atomic_write_json, json_safe, sha256_file
 from bvvit.config import QuantConfig
 from bvvit.quant.storage import load_quantized_model
 
-# 2: metrics keyed as summary.csv's columns (lost_vs_fp32, ...)
+# 2: metrics keyed as summary.csv's columns (lost_vs_fp32, ...), nested QuantConfig options
 RECORD_FORMAT = 2
 
 

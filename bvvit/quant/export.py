@@ -57,7 +57,7 @@ from bvvit.errors import ConfigError
 from bvvit.model import Attention, PatchEmbed, VisionTransformer
 # Also re-exported: callers import the constants, metadata_for and the W4 export from here.
 from bvvit.quant.export_common import (DEFAULT_OPSET, INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME,
-                                       _save, _set_child, _torch_export, metadata_for)
+                                       metadata_for, save_onnx, torch_export)
 from bvvit.quant.export_w4 import export_w4_weight_only_onnx, matmul_nbits_tensors
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.primitives import PerGroup
@@ -259,20 +259,20 @@ def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTra
             raise ConfigError(f"attention='fused' needs QAttention-compatible blocks: {'; '.join(problems[:3])}; "
                               "export with attention='float' or 'int8' instead")
         for name, module in blocks:
-            _set_child(twin, name, _QAttention(module, module.qkv))
+            twin.set_submodule(name, _QAttention(module, module.qkv))
     for name, module in list(twin.named_modules()):
         if isinstance(module, PatchEmbed) and isinstance(module.proj, QuantConv2d):
             conv = module.proj
             if conv.weight_qparams is not None and tuple(conv.kernel_size) == (module.patch_size,) * 2 \
                     and tuple(conv.stride) == tuple(conv.kernel_size) and _no_padding(conv.padding):
-                _set_child(twin, name, _PatchMatMulEmbed(module, _QDQLinear(conv, _qdq_of(conv))))
+                twin.set_submodule(name, _PatchMatMulEmbed(module, _QDQLinear(conv, _qdq_of(conv))))
     for name, module in list(twin.named_modules()):
         if isinstance(module, QuantLinear) and module.weight_qparams is not None:
-            _set_child(twin, name, _QDQLinear(module, _qdq_of(module)))
+            twin.set_submodule(name, _QDQLinear(module, _qdq_of(module)))
     for name, module in list(twin.named_modules()):
         if isinstance(module, ActQuantizer):
             keep = module.state == QUANTIZE and not (attention != "int8" and module.kind in ATTENTION_KINDS)
-            _set_child(twin, name, _QDQ(module) if keep else nn.Identity())
+            twin.set_submodule(name, _QDQ(module) if keep else nn.Identity())
     return twin
 
 
@@ -297,8 +297,8 @@ def export_float_onnx(model: VisionTransformer, path: str | os.PathLike,
     path = Path(path)
     float_model = copy.deepcopy(model).float().eval().cpu()
     float_model.set_fused_attn(False)
-    onnx_model = _torch_export(float_model, opset)
-    _save(onnx_model, path, metadata_for(preprocessing, class_names, "fp32"))
+    onnx_model = torch_export(float_model, opset)
+    save_onnx(onnx_model, path, metadata_for(preprocessing, class_names, "fp32"))
     return path
 
 
@@ -317,14 +317,14 @@ def export_qdq_onnx(qmodel: VisionTransformer, path: str | os.PathLike,
     """
     path = Path(path)
     twin = export_twin(qmodel, attention)
-    onnx_model = _torch_export(twin, opset)
+    onnx_model = torch_export(twin, opset)
     folded = fold_constant_quantize(onnx_model)
     extra = {"weights_folded": str(folded), "attention": attention}
     if fuse:
         extra["fused_linears"] = str(fuse_integer_linears(onnx_model))
     if quant_config is not None:
         extra["quant_config"] = dict(quant_config)
-    _save(onnx_model, path, metadata_for(preprocessing, class_names, "w8a8", extra))
+    save_onnx(onnx_model, path, metadata_for(preprocessing, class_names, "w8a8", extra))
     return path
 
 

@@ -1,7 +1,7 @@
 """What every ONNX export here shares: the file's conventions (opset, input / output names,
 the ``metadata_props`` described in :mod:`bvvit.quant.export`), the TorchScript export of a
-model with a dynamic batch axis, the checked atomic save, and swapping a submodule of the
-twin being exported.
+model with a dynamic batch axis, and the checked atomic save. (Submodules of the twin being
+exported are swapped with torch's ``nn.Module.set_submodule``.)
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ ONNX_FORMAT = "bvvit-onnx"
 ONNX_FORMAT_VERSION = 1
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _torch_export(model: nn.Module, opset: int) -> onnx.ModelProto:
+def torch_export(model: nn.Module, opset: int) -> onnx.ModelProto:
     """The TorchScript exporter's graph of ``model`` (dynamic batch axis)."""
     c = model.config
     example = torch.randn(2, c.in_chans, c.img_size, c.img_size)
@@ -65,7 +60,9 @@ def metadata_for(preprocessing: Preprocessing | Mapping[str, Any], class_names: 
     return meta
 
 
-def _save(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> None:
+def save_onnx(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> None:
+    """Write ``model`` to ``path`` (checked by ``onnx.checker``, atomically) with ``metadata``
+    as its ``metadata_props`` and ``bvvit`` as its producer."""
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
@@ -73,3 +70,7 @@ def _save(model: onnx.ModelProto, path: Path, metadata: Mapping[str, str]) -> No
     onnx.checker.check_model(model)
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
+
+
+__all__ = ["torch_export", "metadata_for", "save_onnx", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME",
+           "ONNX_FORMAT", "ONNX_FORMAT_VERSION"]

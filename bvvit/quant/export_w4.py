@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from bvvit.config import Preprocessing
 from bvvit.errors import ConfigError
 from bvvit.model import VisionTransformer
-from bvvit.quant.export_common import DEFAULT_OPSET, _save, _set_child, _torch_export, metadata_for
+from bvvit.quant.export_common import DEFAULT_OPSET, metadata_for, save_onnx, torch_export
 from bvvit.quant.modules import ActQuantizer, QuantLinear
 from bvvit.quant.primitives import PerGroup
 
@@ -100,15 +100,15 @@ def export_w4_weight_only_onnx(qmodel_w4: VisionTransformer, path: str | os.Path
     twin = copy.deepcopy(qmodel_w4).eval().cpu()
     for name, module in list(twin.named_modules()):
         if isinstance(module, QuantLinear) and module.weight_qparams is not None:
-            _set_child(twin, name, _DequantLinear(module))
+            twin.set_submodule(name, _DequantLinear(module))
         elif isinstance(module, ActQuantizer):
-            _set_child(twin, name, nn.Identity())  # weight-only: float activations
-    onnx_model = _torch_export(twin, opset)
+            twin.set_submodule(name, nn.Identity())  # weight-only: float activations
+    onnx_model = torch_export(twin, opset)
     replaced = _replace_matmuls_with_nbits(onnx_model, layers, accuracy_level)
     if replaced != len(layers):
         raise RuntimeError(f"found {replaced} of {len(layers)} quantized Linear weights in the graph")
     onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _save(onnx_model, path, metadata_for(preprocessing, class_names, "w4_weight_only",
+    save_onnx(onnx_model, path, metadata_for(preprocessing, class_names, "w4_weight_only",
                                          {"accuracy_level": str(accuracy_level)}))
     return path
 

@@ -71,6 +71,7 @@ __all__ = [
     "dequantize_tensor",
     "fake_quantize_tensor",
     "QParams",
+    "bf16_ceil",
 ]
 
 

@@ -66,12 +66,6 @@ def _with_bits(spec: TensorQuantSpec, bits: Optional[int] | str) -> Optional[Ten
     return spec if bits is None else dataclasses.replace(spec, bits=int(bits))
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransformer, list[str]]:
     """A quantized copy of ``model`` (uncalibrated), plus warnings. The input is untouched."""
     qmodel = copy.deepcopy(model).eval()
@@ -87,13 +81,13 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
             enabled = cfg.head if is_head else cfg.linear
             if not enabled or bits == "float":
                 continue
-            _replace(qmodel, name, QuantLinear(module, _with_bits(cfg.weight, bits),
-                                               _with_bits(cfg.activation, bits), "linear_input"))
+            qmodel.set_submodule(name, QuantLinear(module, _with_bits(cfg.weight, bits),
+                                                   _with_bits(cfg.activation, bits), "linear_input"))
         elif isinstance(module, nn.Conv2d):
             if not cfg.patch_embed or bits == "float":
                 continue
-            _replace(qmodel, name, QuantConv2d(module, _with_bits(cfg.weight, bits),
-                                               _with_bits(cfg.activation, bits), "image"))
+            qmodel.set_submodule(name, QuantConv2d(module, _with_bits(cfg.weight, bits),
+                                                   _with_bits(cfg.activation, bits), "image"))
         elif isinstance(module, MatMul):
             if not cfg.attention_matmul or bits == "float":
                 continue
@@ -102,13 +96,13 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
                                   "q", "k")
             else:  # attn @ v: the probabilities are quantized at the softmax output
                 new = QuantMatMul(None, _with_bits(cfg.activation, bits), "attn", "v")
-            _replace(qmodel, name, new)
+            qmodel.set_submodule(name, new)
         elif isinstance(module, Softmax):
             if cfg.softmax_output and bits != "float":
-                _replace(qmodel, name, QuantSoftmax(module, _with_bits(cfg.softmax, bits)))
+                qmodel.set_submodule(name, QuantSoftmax(module, _with_bits(cfg.softmax, bits)))
         elif isinstance(module, Add):
             if cfg.residual and bits != "float":
-                _replace(qmodel, name, QuantAdd(_with_bits(cfg.activation, bits)))
+                qmodel.set_submodule(name, QuantAdd(_with_bits(cfg.activation, bits)))
     for index, override in enumerate(cfg.overrides):
         if index not in used:
             warnings.append(f"override pattern {override.pattern!r} matched no layer "

@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bvvit.report.style import (BASELINE_COLOR, EXTRA_COLORS, FP_COLOR, MAIN_COLOR, _figure_legend, _save,
-                                _skip, _style, _tolerance, bits_label, display_name, fp_row, main_recipe,
-                                main_series, noise_floor, num, rows_of, series, signed)
+from bvvit.plotting import styled_pyplot
+from bvvit.report.style import (BASELINE_COLOR, EXTRA_COLORS, FP_COLOR, MAIN_COLOR, bits_label, display_name,
+                                figure_legend, fp_row, main_recipe, main_series, noise_floor, num, rows_of,
+                                save_figure, series, signed, skipped, tolerance)
 
 
 # ------------------------------------------------------------------ lines per bit depth
@@ -59,7 +60,7 @@ def accuracy_caption(summary: dict[str, Any]) -> str:
     rows, fp = main_series(summary), fp_row(summary)
     if not rows or fp is None:
         return "No quantized variants to compare with FP32."
-    tol = _tolerance(summary)
+    tol = tolerance(summary)
     worst = max(rows, key=lambda r: num(r["top1_drop"]) or 0.0)
     drop = num(worst["top1_drop"]) or 0.0
     ok_from = None
@@ -107,14 +108,14 @@ def plot_accuracy(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path
     """Top-1 and top-5 per bit depth, one line per recipe, with the FP32 level."""
     groups, fp = series(summary), fp_row(summary)
     if not groups:
-        return _skip("No quantized variants in summary.json, so there is no accuracy-vs-bits figure.")
+        return skipped("No quantized variants in summary.json, so there is no accuracy-vs-bits figure.")
     main = main_recipe(summary)
     axis = _BitAxis([r for rows in groups.values() for r in rows])
     top_k = ((summary.get("variants") or {}).get("fp32", {}).get("metrics", {}).get("top5_k")) or 5
     data = {"fp32": {"top1": fp and fp["top1"], "top5": fp and fp["top5"]},
             "series": {k: [{key: r[key] for key in ("name", "w_bits", "a_bits", "top1", "top5")}
                            for r in rows] for k, rows in groups.items()}}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
         for ax, metric, title in zip(axes, ("top1", "top5"), ("Top-1 accuracy", f"Top-{top_k} accuracy")):
             if fp is not None:
@@ -134,9 +135,9 @@ def plot_accuracy(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path
             ax.margins(y=0.15)
             ax.set_ylim(top=min(ax.get_ylim()[1], 101.0))  # nothing above 100%
             ax.grid(alpha=0.3)
-        _figure_legend(fig, axes)
+        figure_legend(fig, axes)
         fig.suptitle(f"Accuracy vs bit depth on {summary.get('num_eval_images', '?')} evaluation images")
-        path = _save(fig, out_dir, "accuracy_vs_bits.png", data)
+        path = save_figure(fig, out_dir, "accuracy_vs_bits.png", data)
     return path, accuracy_caption(summary)
 
 
@@ -156,13 +157,13 @@ def plot_drop_and_agreement(summary: dict[str, Any], out_dir: Path) -> tuple[Opt
     """Top-1 drop against FP32 and prediction agreement with FP32, per bit depth."""
     groups = series(summary)
     if not groups:
-        return _skip("No quantized variants in summary.json, so there is no accuracy-drop figure.")
+        return skipped("No quantized variants in summary.json, so there is no accuracy-drop figure.")
     axis = _BitAxis([r for rows in groups.values() for r in rows])
     floor = noise_floor(summary)
     data = {"noise_floor": floor, "series": {k: [{key: r[key] for key in ("name", "w_bits", "a_bits",
                                                                             "top1_drop", "agreement")}
                                                  for r in rows] for k, rows in groups.items()}}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
         for ax, metric, ylabel, title in ((axes[0], "top1_drop", "points (FP32 - quantized)", "Top-1 drop"),
                                           (axes[1], "agreement", "% of images", "Top-1 agreement with FP32")):
@@ -180,8 +181,8 @@ def plot_drop_and_agreement(summary: dict[str, Any], out_dir: Path) -> tuple[Opt
             ax.set(ylabel=ylabel, title=title)
             ax.margins(y=0.15)
             ax.grid(alpha=0.3)
-        _figure_legend(fig, axes)
-        path = _save(fig, out_dir, "accuracy_drop.png", data)
+        figure_legend(fig, axes)
+        path = save_figure(fig, out_dir, "accuracy_drop.png", data)
     return path, drop_caption(summary)
 
 
@@ -236,7 +237,7 @@ def plot_per_class(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Pat
     """Heatmap of per-class accuracy change against FP32 (classes x bit depths)."""
     table = per_class_change(summary)
     if table is None:
-        return _skip("summary.json has no per-class accuracy, so there is no per-class figure.")
+        return skipped("summary.json has no per-class accuracy, so there is no per-class figure.")
     matrix = np.array([[np.nan if v is None else v for v in col] for col in table["change"]]).T
     classes = list(table["classes"])
     title = "Per-class top-1 change vs FP32 (points)"
@@ -246,7 +247,7 @@ def plot_per_class(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Pat
         matrix, classes = matrix[keep], [classes[i] for i in keep]
         title += f", the {MAX_HEATMAP_CLASSES} of {len(table['classes'])} classes that move most"
     limit = max(1.0, float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else 1.0)
-    with _style() as plt:
+    with styled_pyplot() as plt:
         rows, cols = matrix.shape
         fig, ax = plt.subplots(figsize=(2.8 + 0.95 * cols + 0.06 * max(len(c) for c in classes),
                                         1.4 + 0.34 * rows), constrained_layout=True)
@@ -260,7 +261,7 @@ def plot_per_class(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Pat
         ax.set_yticks(range(rows), classes)
         ax.set_title(title)
         fig.colorbar(image, ax=ax, label="points (red: worse than FP32)", shrink=0.8)
-        path = _save(fig, out_dir, "per_class_change.png", table)
+        path = save_figure(fig, out_dir, "per_class_change.png", table)
     return path, per_class_caption(summary)
 
 
@@ -292,7 +293,7 @@ def plot_confusion(summary: dict[str, Any], out_dir: Path, name: str) -> tuple[O
     fp = fp_row(summary)
     metrics = (variants.get(name) or {}).get("metrics") or {}
     if fp is None or "confusion" not in metrics or "confusion" not in variants[fp["name"]]["metrics"]:
-        return _skip(f"summary.json has no confusion matrix for {name}, so there is no figure.")
+        return skipped(f"summary.json has no confusion matrix for {name}, so there is no figure.")
     reference = np.array(variants[fp["name"]]["metrics"]["confusion"])
     matrix = np.array(metrics["confusion"])
     diff = matrix - reference
@@ -301,7 +302,7 @@ def plot_confusion(summary: dict[str, Any], out_dir: Path, name: str) -> tuple[O
     annotate, show_ticks = k <= 15, k <= 40
     side = min(5.5, 1.3 + 0.32 * k)
     data = {"classes": classes, "fp32": reference.tolist(), name: matrix.tolist(), "difference": diff.tolist()}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, 3, figsize=(3 * side + 1.8, side + 1.6), constrained_layout=True)
         limit = max(1, int(np.abs(diff).max()))
         panels = [(reference, "FP32", "Blues", 0, reference.max()),
@@ -322,5 +323,5 @@ def plot_confusion(summary: dict[str, Any], out_dir: Path, name: str) -> tuple[O
             fig.colorbar(image, ax=ax, shrink=0.7)
         axes[0].set_ylabel("true class")
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        path = _save(fig, out_dir, f"confusion_{safe}.png", data)
+        path = save_figure(fig, out_dir, f"confusion_{safe}.png", data)
     return path, confusion_caption(summary, name)

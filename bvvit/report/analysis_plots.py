@@ -12,8 +12,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bvvit.report.style import (MAIN_COLOR, Figure, _save, _skip, _style, activation_bits, display_name,
-                                lowest_main, main_recipe, main_series, num, rows_of, signed)
+from bvvit.plotting import styled_pyplot
+from bvvit.report.style import (MAIN_COLOR, Figure, activation_bits, display_name, lowest_main, main_recipe,
+                                main_series, num, rows_of, save_figure, signed, skipped)
 
 
 # ------------------------------------------------------------------ activations and weights
@@ -80,7 +81,7 @@ def plot_activation_histograms(analysis: Optional[dict[str, Any]], out_dir: Path
     """Float activation histograms per tensor kind (log counts) with ``variant``'s ranges."""
     activations = (analysis or {}).get("activations")
     if not activations or not activations.get("tensors"):
-        return _skip("No activation statistics (run with --analysis basic or full).")
+        return skipped("No activation statistics (run with --analysis basic or full).")
     tensors = activations["tensors"]
     names = sorted({v for t in tensors for v in t.get("quant", {})})
     variant = variant or default_variant(summary, names)
@@ -90,7 +91,7 @@ def plot_activation_histograms(analysis: Optional[dict[str, Any]], out_dir: Path
     columns = 2
     rows = math.ceil(len(groups) / columns)
     shown: dict[str, list[str]] = {}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(rows, columns, figsize=(12, 3.1 * rows), constrained_layout=True,
                                  squeeze=False)
         colors = ["#1f77b4", "#d62728", "#2ca02c"]
@@ -126,7 +127,7 @@ def plot_activation_histograms(analysis: Optional[dict[str, Any]], out_dir: Path
                      f" (first, middle and last layer of each kind{grid_text})")
         data = {"variant": variant, "shown": shown,
                 "tensors": [{k: t[k] for k in ("id", "group", "min", "max", "quant")} for t in tensors]}
-        path = _save(fig, out_dir, "activation_histograms.png", data)
+        path = save_figure(fig, out_dir, "activation_histograms.png", data)
     return path, activation_caption(activations, variant)
 
 
@@ -147,13 +148,13 @@ def plot_weight_histograms(analysis: Optional[dict[str, Any]], out_dir: Path,
     """Float weight histograms of selected layers with ``variant``'s grid."""
     weights = (analysis or {}).get("weights")
     if not weights or not weights.get("layers"):
-        return _skip("No weight statistics (run with --analysis basic or full).")
+        return skipped("No weight statistics (run with --analysis basic or full).")
     layers = weights["layers"]
     names = sorted({v for w in layers for v in w.get("quant", {})})
     variant = variant or default_variant(summary, names)
     columns = min(3, len(layers))
     rows = math.ceil(len(layers) / columns)
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(rows, columns, figsize=(4.3 * columns, 3.2 * rows), constrained_layout=True,
                                  squeeze=False)
         for ax, w in zip(axes.flat, layers):
@@ -189,7 +190,7 @@ def plot_weight_histograms(analysis: Optional[dict[str, Any]], out_dir: Path,
                          "range, dotted: median channel's, grey: levels when per-tensor)")
         data = {"variant": variant, "layers": [{k: w[k] for k in ("layer", "shape", "min", "max", "quant")}
                                                for w in layers]}
-        path = _save(fig, out_dir, "weight_histograms.png", data)
+        path = save_figure(fig, out_dir, "weight_histograms.png", data)
     return path, weight_caption(weights, variant)
 
 
@@ -222,7 +223,7 @@ def plot_sqnr_heatmap(analysis: Optional[dict[str, Any]], out_dir: Path,
     """SQNR of every quantized activation (model order) and weight, per variant."""
     sqnr = (analysis or {}).get("sqnr")
     if not sqnr or not sqnr.get("variants") or not sqnr.get("tensors"):
-        return _skip("No per-tensor SQNR (run with --analysis basic or full).")
+        return skipped("No per-tensor SQNR (run with --analysis basic or full).")
     names = sqnr["variants"]
     acts = np.array([[np.nan if v is None else num(v) for v in sqnr["sqnr_db"][n]] for n in names]).T
     keep = ~np.all(np.isnan(acts), axis=1)  # tensors no variant quantizes (e.g. residuals)
@@ -238,7 +239,7 @@ def plot_sqnr_heatmap(analysis: Optional[dict[str, Any]], out_dir: Path,
     panels = [(acts, act_labels, "Activations (quantizer outputs)"),
               (wmat, weights.get("layers", []), "Weights")]
     panels = [p for p in panels if p[0].shape[0]]
-    with _style() as plt:
+    with styled_pyplot() as plt:
         # Stacked, one row per tensor: wide figures get scaled down (and unreadable) in a page.
         heights = [p[0].shape[0] for p in panels]
         fig, axes = plt.subplots(len(panels), 1, figsize=(3.4 + max(0.62 * len(names), 3.0),
@@ -260,7 +261,7 @@ def plot_sqnr_heatmap(analysis: Optional[dict[str, Any]], out_dir: Path,
             ax.set_title(title)
         fig.colorbar(image, ax=list(axes), label="SQNR (dB, higher is better)", shrink=0.5, aspect=40)
         fig.suptitle(f"Per-tensor SQNR against FP32, layers in model order ({sqnr.get('images', '?')} images)")
-        path = _save(fig, out_dir, "sqnr_heatmap.png", data)
+        path = save_figure(fig, out_dir, "sqnr_heatmap.png", data)
     return path, sqnr_caption(sqnr, summary)
 
 
@@ -284,12 +285,12 @@ def plot_sensitivity(analysis: Optional[dict[str, Any]], out_dir: Path, top: int
     """The ``top`` most damaging single-layer quantizations, ranked."""
     sens = (analysis or {}).get("sensitivity")
     if not sens or not sens.get("rows"):
-        return _skip("No sensitivity ranking (run with --analysis full).")
+        return skipped("No sensitivity ranking (run with --analysis full).")
     rows = sens["rows"][:top]
     bits = sorted({r["bits"] for r in sens["rows"]})
     values = np.array([max(num(r["kl_div"]), 1e-12) for r in rows])
     colors = {"weights": "#ff7f0e", "activations": "#9467bd"}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, ax = plt.subplots(figsize=(10, 1.4 + 0.3 * len(rows)), constrained_layout=True)
         y = np.arange(len(rows))
         for i, r in enumerate(rows):
@@ -310,7 +311,7 @@ def plot_sensitivity(analysis: Optional[dict[str, Any]], out_dir: Path, top: int
                   [Patch(color="#888888", alpha=a, label=f"{b}-bit") for b, a in
                    zip(bits, [1.0] + [0.5] * (len(bits) - 1))], loc="lower right")
         ax.grid(axis="x", alpha=0.3)
-        path = _save(fig, out_dir, "sensitivity.png", {"rows": rows})
+        path = save_figure(fig, out_dir, "sensitivity.png", {"rows": rows})
     return path, sensitivity_caption(sens)
 
 

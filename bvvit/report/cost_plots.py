@@ -11,9 +11,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bvvit.report.style import (BASELINE_COLOR, EXTRA_COLORS, FLOAT, FP_COLOR, MAIN_COLOR, SIMULATED,
-                                _figure_legend, _save, _skip, _style, _tolerance, bits_label, display_name,
-                                fp_row, lowest_main, main_recipe, num, rows_of)
+from bvvit.plotting import styled_pyplot
+from bvvit.report.style import (BASELINE_COLOR, EXTRA_COLORS, FLOAT, FP_COLOR, MAIN_COLOR, SIMULATED, bits_label,
+                                display_name, figure_legend, fp_row, lowest_main, main_recipe, num, rows_of,
+                                save_figure, skipped, tolerance)
 
 
 # ------------------------------------------------------------------ size
@@ -51,14 +52,14 @@ def plot_size(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], s
     """Real file size per variant, stacked by part, with the ideal packed-weight bound."""
     files = _files(summary)
     if not files:
-        return _skip("summary.json has no file sizes, so there is no model-size figure.")
+        return skipped("summary.json has no file sizes, so there is no model-size figure.")
     fp_bytes = max(f["size_bytes"] for _, f in files)
     unit, scale = ("MiB", 1 << 20) if fp_bytes >= 1 << 20 else ("KiB", 1024)
     names = [display_name(r["name"]) for r, _ in files]
     data = {"unit": unit, "bars": [{"name": r["name"], "size_bytes": f["size_bytes"],
                                     "breakdown": f.get("breakdown", {}),
                                     "ideal_bytes": f.get("ideal_bytes")} for r, f in files]}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, ax = plt.subplots(figsize=(max(7.0, 0.85 * len(files) + 3), 4.6), constrained_layout=True)
         x = np.arange(len(files))
         bottom = np.zeros(len(files))
@@ -81,7 +82,7 @@ def plot_size(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], s
         ax.margins(y=0.18)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper right")
-        path = _save(fig, out_dir, "model_size.png", data)
+        path = save_figure(fig, out_dir, "model_size.png", data)
     return path, size_caption(summary)
 
 
@@ -131,13 +132,13 @@ def plot_latency(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path]
     rows = rows_of(summary)
     batches = [b for b, col in LATENCY_COLUMNS.items() if any(num(r.get(col)) for r in rows)]
     if not batches:
-        return _skip("summary.json has no latency measurements, so there is no latency figure.")
+        return skipped("summary.json has no latency measurements, so there is no latency figure.")
     variants = summary.get("variants") or {}
     extra: dict[str, str] = {}
     data = {"batches": batches, "bars": [{"name": r["name"], "kernel": r.get("kernel"),
                                           **{LATENCY_COLUMNS[b]: r.get(LATENCY_COLUMNS[b]) for b in batches}}
                                          for r in rows]}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 0.7 * len(rows) + 2) * len(batches) / 1.4,
                                                            4.4), constrained_layout=True, squeeze=False)
         seen: set[str] = set()
@@ -161,11 +162,11 @@ def plot_latency(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path]
             ax.set(ylabel="median latency (ms)", title=f"Batch {batch} (whisker: p90)")
             ax.margins(y=0.15)
             ax.grid(axis="y", alpha=0.3)
-        _figure_legend(fig, axes, columns=3)
+        figure_legend(fig, axes, columns=3)
         threads = (summary.get("system") or {}).get("torch_threads")
         fig.suptitle("Inference time per variant" + (f" ({threads} thread{'s' * (threads != 1)})"
                                                      if threads else ""))
-        path = _save(fig, out_dir, "latency.png", data)
+        path = save_figure(fig, out_dir, "latency.png", data)
     return path, latency_caption(summary)
 
 
@@ -211,7 +212,7 @@ def pareto_caption(summary: dict[str, Any]) -> str:
     sized = [r for r in rows_of(summary) if num(r.get("size_bytes"))]
     if fp is None or not sized:
         return "No sizes to build a Pareto front from."
-    tol = _tolerance(summary)
+    tol = tolerance(summary)
     front = pareto_front([(num(r["size_bytes"]), r["top1"], r["name"]) for r in sized])
     close = [r for r in sized if r is not fp and fp["top1"] - r["top1"] <= tol]
     text = f"The size-accuracy Pareto front is {' → '.join(display_name(n) for n in front)}"
@@ -232,11 +233,11 @@ def plot_pareto(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path],
                                   (latency_col, f"latency, batch {'64' if latency_col == 'latency_ms_b64' else '1'} (ms)"))
               if c and any(num(r.get(c)) for r in rows)]
     if not panels:
-        return _skip("summary.json has neither sizes nor latencies, so there is no Pareto figure.")
+        return skipped("summary.json has neither sizes nor latencies, so there is no Pareto figure.")
     main = main_recipe(summary)
     data = {"points": [{k: r.get(k) for k in ("name", "recipe", "kernel", "top1", "size_bytes", latency_col)
                         if k} for r in rows]}
-    with _style() as plt:
+    with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), constrained_layout=True,
                                  squeeze=False)
         for ax, (column, xlabel) in zip(axes[0], panels):
@@ -268,5 +269,5 @@ def plot_pareto(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path],
         handles = [Line2D([], [], marker="o", linestyle="", color=c, label=t) for t, c in kinds]
         handles.append(Line2D([], [], color="#999999", label="Pareto front"))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-        path = _save(fig, out_dir, "pareto.png", data)
+        path = save_figure(fig, out_dir, "pareto.png", data)
     return path, pareto_caption(summary)

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from bvvit.report.plots import (FLOAT, SIMULATED, Figure, display_name, fp_row, main_recipe,
-                                main_series, num, rows_of, signed)
+from bvvit.report.style import (FLOAT, SIMULATED, Figure, display_name, fp_row, main_recipe, main_series, num,
+                                rows_of, signed)
 
 HEADLINE_COLUMNS = ["Variant", "W / A bits", "Recipe", "Top-1 %", "Top-5 %", "Top-1 drop (pts)",
                     "Agreement %", "Lost / gained vs FP32 (p)", "SQNR dB", "File size", "Size ratio",

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from bvvit.report.html import (HEADLINE_COLUMNS, at_a_glance, collect_warnings, coverage_groups,
                                headline_rows, kernel_notes, library_items, sensitivity_snippet,
                                settings_items)
-from bvvit.report.plots import Figure, main_recipe
+from bvvit.report.style import Figure, main_recipe
 
 
 def _cell(value: Any) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-# Re-exported: html.py, markdown.py and the tests import these from here.
+# Re-exported: the tests import these from here.
 from bvvit.report.accuracy_plots import (accuracy_caption, confusion_caption, drop_caption, per_class_caption,
                                          per_class_change, plot_accuracy, plot_confusion,
                                          plot_drop_and_agreement, plot_per_class)

@@ -1,28 +1,24 @@
-"""What every figure of the report shares: the :class:`Figure` record, colours and the
-matplotlib style, the atomic PNG save that stores a figure's numbers in the file (text
-chunk ``bvvit-data``, read back with :func:`read_plot_data`), the readers of summary.json's
-rows, and the wording (``W4A4``, ``+0.39``) and tolerances that captions use.
+"""What every figure of the report shares: the :class:`Figure` record, colours, the save
+that stores a figure's numbers in the file (text chunk ``bvvit-data``, read back with
+:func:`read_plot_data`; matplotlib's setup and style are :mod:`bvvit.plotting`'s), the
+readers of summary.json's rows, and the wording (``W4A4``, ``+0.39``) and tolerances that
+captions use.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from bvvit.io import atomic_path
+from bvvit.plotting import save_png
 
 PLOTS_DIR = "plots"
-DPI = 110
 DATA_KEY = "bvvit-data"
-STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
-         "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
-         "axes.spines.right": False, "figure.facecolor": "white"}
 MAIN_COLOR, BASELINE_COLOR, FP_COLOR = "#1f77b4", "#ff7f0e", "#222222"
 EXTRA_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 SIMULATED, FLOAT = "simulated", "float"
@@ -48,30 +44,11 @@ def num(value: Any) -> Optional[float]:
         return None
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-@contextlib.contextmanager
-def _style() -> Iterator[Any]:
-    plt = _pyplot()
-    with plt.rc_context(STYLE):
-        yield plt
-
-
-def _save(fig: Any, out_dir: Path, filename: str, data: Any) -> Path:
-    path = Path(out_dir) / PLOTS_DIR / filename
+def save_figure(fig: Any, out_dir: Path, filename: str, data: Any) -> Path:
+    """``fig`` as ``out_dir/plots/filename``, cropped to what is drawn (rotated class names
+    and titles are never cut off), with ``data`` (the numbers it shows) stored inside."""
     metadata = {"Software": "bvvit", DATA_KEY: json.dumps(data, default=str, allow_nan=True)}
-    with atomic_path(path) as tmp:
-        # tight: nothing (rotated class names, titles) is cut off, no empty margins
-        fig.savefig(tmp, format="png", dpi=DPI, metadata=metadata, bbox_inches="tight", pad_inches=0.12)
-    _pyplot().close(fig)
-    return path
+    return save_png(fig, Path(out_dir) / PLOTS_DIR / filename, metadata=metadata, tight=True)
 
 
 def read_plot_data(path: str | Path) -> Any:
@@ -162,11 +139,11 @@ def noise_floor(summary: dict[str, Any]) -> float:
     return 100.0 / n if n else 0.0
 
 
-def _tolerance(summary: dict[str, Any]) -> float:
+def tolerance(summary: dict[str, Any]) -> float:
     return max(0.1, noise_floor(summary))
 
 
-def _figure_legend(fig: Any, axes: Any, columns: int = 4) -> None:
+def figure_legend(fig: Any, axes: Any, columns: int = 4) -> None:
     """One legend below all panels (never over the data), each label once."""
     handles: dict[str, Any] = {}
     for ax in np.ravel(axes):
@@ -175,5 +152,12 @@ def _figure_legend(fig: Any, axes: Any, columns: int = 4) -> None:
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=columns, frameon=False)
 
 
-def _skip(reason: str) -> tuple[None, str]:
+def skipped(reason: str) -> tuple[None, str]:
+    """What a ``plot_*`` function returns when its data is absent: no file, and why."""
     return None, reason
+
+
+__all__ = ["Figure", "PLOTS_DIR", "DATA_KEY", "MAIN_COLOR", "BASELINE_COLOR", "FP_COLOR", "EXTRA_COLORS",
+           "SIMULATED", "FLOAT", "num", "save_figure", "read_plot_data", "rows_of", "fp_row", "main_recipe",
+           "is_sweep_row", "series", "main_series", "activation_bits", "bits_label", "signed", "display_name",
+           "lowest_main", "noise_floor", "tolerance", "figure_legend", "skipped"]

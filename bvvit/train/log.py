@@ -1,5 +1,6 @@
 """Metric sinks for training: ``metrics.csv`` (one row per epoch), optional TensorBoard,
-and ``training_curves.png`` (loss, accuracy, learning rate).
+and ``training_curves.png`` (loss, accuracy, learning rate; drawn in the house style of
+:mod:`bvvit.plotting`, like the report's figures).
 
 The full history travels inside each checkpoint, so after a resume the CSV and the plot
 are rewritten from it and never hold duplicated or missing epochs.
@@ -13,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from bvvit.io import atomic_path, atomic_write_text
+from bvvit.io import atomic_write_text
+from bvvit.plotting import save_png, styled_pyplot
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr",
                   "epoch_time_s", "train_images_per_s"]
@@ -48,13 +50,14 @@ def plot_training_curves(path: str | os.PathLike, history: list[dict[str, Any]],
     """Three panels: loss, accuracy and learning rate per epoch. Returns the path."""
     if not history:
         return None
-    import matplotlib
+    with styled_pyplot() as plt:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+        _draw_training_curves(fig, axes, history, title)
+        return save_png(fig, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw_training_curves(fig: Any, axes: Any, history: list[dict[str, Any]], title: str) -> None:
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     ax = axes[0]
     ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation")
@@ -79,10 +82,6 @@ def plot_training_curves(path: str | os.PathLike, history: list[dict[str, Any]],
             ax.set_xticks(epochs)
     if title:
         fig.suptitle(title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 class TensorBoardSink:
