@@ -21,7 +21,7 @@ from bvvit.ptq.cache import load_result, packed_path, save_result
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.quantize import convert, quantize_model
 from bvvit.quant.recipes import make_quant_config
-from bvvit.quant.storage import save_quantized_model
+from bvvit.quant.storage import round_float_parts, save_quantized_model
 
 
 @dataclass
@@ -80,13 +80,14 @@ def get_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, Any
 def make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, Any],
                  fp_model: nn.Module, fp_logits: torch.Tensor, loaded: LoadedModel,
                  calib_loader: Iterable, val_loader: Iterable, job: Any) -> Variant:
-    """Quantize ``fp_model`` per ``cfg``, write its packed file, evaluate it against the FP32
-    logits and write its result record."""
+    """Quantize ``fp_model`` per ``cfg``, round its float parts to the packed file's dtype,
+    write the file, evaluate the model (exactly what the file holds) against the FP32 logits
+    and write its result record."""
     start = time.perf_counter()
     qmodel, report = quantize_model(fp_model, cfg, calib_loader, job.device, job.progress)
     for warning in report.warnings:
         print(f"WARNING [{name}]: {warning}")
-    # Saved first: with --float-dtype fp16 saving rounds the model to what the file holds.
+    round_float_parts(qmodel, job.float_dtype)  # evaluated as stored (--float-dtype fp16)
     file_info = save_quantized_model(packed_path(out, name), qmodel, cfg,
                                      loaded, report, float_dtype=job.float_dtype)
     metrics, logits = evaluate_classifier(qmodel, val_loader, loaded.class_names,

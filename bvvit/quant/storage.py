@@ -13,6 +13,8 @@ tensor                             contents
 ``<layer>.weight.zero_point``      int32, only for asymmetric weights
 every other model tensor           float32 (or float16 with ``float_dtype="fp16"``):
                                    biases, LayerNorms, class token, positional embedding
+                                   (:func:`round_float_parts` makes the in-memory model
+                                   compute with exactly these values)
 =================================  ==========================================================
 
 The safetensors metadata entry ``bvvit`` is JSON: format version, model config, class
@@ -49,13 +51,22 @@ FORMAT_VERSION = 3  # 3: tensors_sha256; 2: per-layer metadata factored (common 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def _round_float_parts(qmodel: nn.Module, dtype: torch.dtype) -> None:
-    """Round the float tensors of ``qmodel`` through ``dtype`` in place, so the in-memory
-    model computes exactly what the file will reload."""
-    if dtype == torch.float32:
-        return
-    for name, tensor in _float_tensors(qmodel).items():
-        tensor.data.copy_(tensor.data.to(dtype).to(torch.float32))
+def round_float_parts(qmodel: nn.Module, float_dtype: str) -> nn.Module:
+    """Round the float parts of ``qmodel`` (every parameter and buffer but the quantized
+    weights: biases, LayerNorms, class token, positional embedding) through ``float_dtype``
+    (``fp16`` or ``fp32``: unchanged) in place, so that it computes exactly what a file saved
+    with that ``float_dtype`` reloads. Returns ``qmodel``."""
+    dtype = _float_dtype(float_dtype)
+    if dtype != torch.float32:
+        for tensor in _float_tensors(qmodel).values():
+            tensor.data.copy_(tensor.data.to(dtype).to(torch.float32))
+    return qmodel
+
+
+def _float_dtype(name: str) -> torch.dtype:
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"float_dtype must be one of {list(FLOAT_DTYPES)}, got {name!r}")
+    return FLOAT_DTYPES[name]
 
 
 def _float_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,7 +101,7 @@ def quantized_tensors(qmodel: nn.Module, float_dtype: str = "fp32") -> tuple[dic
         weights_meta[name] = {"shape": list(module.weight_codes.shape), "bits": qp.bits,
                               "symmetric": qp.symmetric, "qmin": qp.qmin,
                               "granularity": granularity_to_dict(qp.granularity)}
-    dtype = FLOAT_DTYPES[float_dtype]
+    dtype = _float_dtype(float_dtype)
     for name, tensor in _float_tensors(qmodel).items():
         tensors[name] = tensor.detach().to(dtype).contiguous()
     return tensors, weights_meta
@@ -114,16 +125,14 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def save_quantized_model(path: str | os.PathLike, qmodel: nn.Module, cfg: QuantConfig, loaded: Any,
                          report: Any = None, float_dtype: str = "fp32") -> dict[str, Any]:
-    """Write the packed file; returns its real size and a breakdown by part.
+    """Write the packed file; returns its real size and a breakdown by part. ``qmodel`` is
+    not changed.
 
-    With ``float_dtype="fp16"`` the in-memory model's float parts are rounded to float16
-    first, so that evaluating ``qmodel`` measures exactly what the file holds.
+    With ``float_dtype="fp16"`` the file holds the float parts rounded to float16: call
+    :func:`round_float_parts` first to evaluate exactly what the file holds.
     """
     from safetensors.torch import save_file
 
-    if float_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"float_dtype must be one of {list(FLOAT_DTYPES)}")
-    _round_float_parts(qmodel, FLOAT_DTYPES[float_dtype])
     tensors, weights_meta = quantized_tensors(qmodel, float_dtype)
     activations = {name: _short_floats(q.qparams.to_dict()) for name, q in act_quantizers(qmodel)
                    if q.qparams is not None}
@@ -301,4 +310,5 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
 
 
 __all__ = ["save_quantized_model", "load_quantized_model", "read_metadata", "save_float_model",
-           "quantized_tensors", "tensors_sha256", "check_content_hash"]
+           "round_float_parts", "quantized_tensors", "tensors_sha256", "check_content_hash", "file_breakdown",
+           "FLOAT_DTYPES", "FORMAT", "FORMAT_VERSION"]

@@ -13,7 +13,7 @@ from bvvit.metrics import sqnr_db
 from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import RECIPES, make_quant_config
-from bvvit.quant.storage import load_quantized_model, read_metadata, save_quantized_model
+from bvvit.quant.storage import load_quantized_model, read_metadata, round_float_parts, save_quantized_model
 from tests.quant.tiny import loaded_model, noise_loader
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,27 @@ def test_fp16_float_parts_reload_bit_for_bit_and_shrink(model, calib, images, tm
     q32, report = quantize_model(model, cfg, calib)
     q16, _ = quantize_model(model, cfg, calib)
     a = save_quantized_model(tmp_path / "a.safetensors", q32, cfg, loaded_model(model), report)
+    round_float_parts(q16, "fp16")
     b = save_quantized_model(tmp_path / "b.safetensors", q16, cfg, loaded_model(model), report, float_dtype="fp16")
     assert b["breakdown"]["float_parameters"] * 2 == a["breakdown"]["float_parameters"]
     reloaded, _ = load_quantized_model(tmp_path / "b.safetensors")
     with torch.no_grad():
         assert torch.equal(q16(images), reloaded(images))
+
+
+def test_saving_leaves_the_model_bit_identical(model, calib, images, tmp_path):
+    """Saving is side-effect free: rounding to the file's float16 is the explicit
+    round_float_parts step, never a consequence of writing the file."""
+    cfg = make_quant_config("minmax", 4, 4)
+    qmodel, report = quantize_model(model, cfg, calib)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded_model(model), report, float_dtype="fp16")
+    after = qmodel.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    round_float_parts(qmodel, "fp16")
+    reloaded, _ = load_quantized_model(tmp_path / "q.safetensors")
+    with torch.no_grad():  # rounded, it computes exactly what the file holds
+        assert torch.equal(qmodel(images), reloaded(images))
 
 
 def test_file_has_no_pickle_and_metadata(model, calib, tmp_path):
