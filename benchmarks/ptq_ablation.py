@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bvvit.config import TensorQuantSpec  # noqa: E402
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data  # noqa: E402
 from bvvit.evaluate.classification import evaluate_classifier  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
+from bvvit.quant.config import TensorQuantSpec  # noqa: E402
 
 PAIRS = [(4, 4), (4, 8), (6, 6), (8, 8)]
 
@@ -38,11 +38,11 @@ def variants(w: int, a: int):
     yield "minmax", make_quant_config("minmax", w, a)
     yield "mse", mse
     yield "mse+log2", dataclasses.replace(mse, softmax=log2)
-    yield "mse+reparam", dataclasses.replace(mse, reparam_layernorm=True)
-    yield "mse+gptq", dataclasses.replace(mse, gptq=True)
+    yield "mse+reparam", make_quant_config("mse", w, a, reparam={"enabled": True})
+    yield "mse+gptq", make_quant_config("mse", w, a, gptq={"enabled": True})
     # the vit recipe reconstructs at <= 4 bits; these rows show it without, then with
-    yield "vit (reparam+gptq)", make_quant_config("vit", w, a, reconstruct=False)
-    yield "vit + log2", make_quant_config("vit", w, a, softmax_method="log2", reconstruct=False)
+    yield "vit (reparam+gptq)", make_quant_config("vit", w, a, reconstruct={"enabled": False})
+    yield "vit + log2", make_quant_config("vit", w, a, softmax_method="log2", reconstruct={"enabled": False})
     yield "vit-recon", make_quant_config("vit-recon", w, a)
 
 

@@ -1,4 +1,5 @@
-"""Typed configuration for every stage.
+"""Typed configuration of the model, training and preprocessing (quantization's is
+:mod:`bvvit.quant.config`).
 
 Each config validates its own fields in ``__post_init__`` (raising :class:`ConfigError`,
 which the CLI prints as one line) and round-trips through plain dicts so that it can be
@@ -17,10 +18,22 @@ from bvvit.errors import ConfigError
 T = TypeVar("T")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a dataclass from a dict, ignoring unknown keys (forward compatibility)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class DictConfig:
+    """``to_dict`` / ``from_dict`` of a config dataclass: plain dicts for checkpoints, JSON
+    and packed files; keys a dict has that the class does not are ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return dataclass_from_dict(cls, data)
 
 
 MAX_IMG_SIZE = 4096  # pixels per side: each image is decoded and resized at this size
@@ -73,7 +86,7 @@ def _bytes_text(size: float) -> str:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Hyperparameters of a :class:`bvvit.model.VisionTransformer`."""
 
     img_size: int = 28
@@ -147,12 +160,6 @@ class ModelConfig:
     def num_patches(self) -> int:
         return self.grid_size ** 2
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
 
 
 def _divisors(n: int) -> list[int]:
@@ -160,7 +167,7 @@ def _divisors(n: int) -> list[int]:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything ``run.py`` needs besides the model hyperparameters."""
 
     data_path: str = "fashion-mnist"
@@ -215,12 +222,6 @@ class TrainConfig:
         if self.augment not in ("none", "flip", "light", "strong"):
             raise ConfigError(f"--augment must be none, flip, light or strong, got {self.augment!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -271,160 +272,8 @@ class Preprocessing:
             if isinstance(data.get(key), (list, tuple)):  # JSON and torch.save give lists
                 data[key] = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v
                                   for v in data[key])
-        return _from_dict(cls, data)
+        return dataclass_from_dict(cls, data)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "Preprocessing", "TensorQuantSpec", "LayerOverride", "QuantConfig",
-           "flag_name", "MAX_IMG_SIZE", "MAX_TOKENS", "MAX_SEED", "INTERPOLATIONS"]
-
-
-# ------------------------------------------------------------------------- quantization
-
-GRANULARITIES = ("tensor", "channel")  # plus "group:<size>"
-OBSERVER_NAMES = ("minmax", "ema_minmax", "percentile", "mse")
-QUANTIZER_METHODS = ("uniform", "log2")
-
-
-@dataclass
-class TensorQuantSpec:
-    """How one kind of tensor is quantized (weights, activations or attention probabilities)."""
-
-    bits: int = 8
-    symmetric: bool = False
-    granularity: str = "tensor"  # tensor | channel | group:<size>
-    observer: str = "minmax"  # minmax | ema_minmax | percentile | mse
-    percentile: float = 99.99
-    method: str = "uniform"  # uniform | log2 (post-softmax)
-
-    def __post_init__(self) -> None:
-        if not 2 <= int(self.bits) <= 16:
-            raise ConfigError(f"bits must be between 2 and 16, got {self.bits}")
-        if self.granularity not in GRANULARITIES and not _is_group(self.granularity):
-            raise ConfigError(f"granularity must be tensor, channel or group:<size>, got {self.granularity!r}")
-        if self.observer not in OBSERVER_NAMES:
-            raise ConfigError(f"observer must be one of {', '.join(OBSERVER_NAMES)}, got {self.observer!r}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.method not in QUANTIZER_METHODS:
-            raise ConfigError(f"quantizer method must be one of {', '.join(QUANTIZER_METHODS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TensorQuantSpec":
-        return _from_dict(cls, data)
-
-
-def _is_group(text: str) -> bool:
-    head, _, size = text.partition(":")
-    return head == "group" and size.isdigit() and int(size) > 0
-
-
-@dataclass
-class LayerOverride:
-    """Per-layer exception, matched on module names with shell patterns (``blocks.0.*``).
-
-    ``bits`` sets weight and activation bits of the matched layers; ``keep_float`` leaves
-    them unquantized.
-    """
-
-    pattern: str
-    bits: Optional[int] = None
-    keep_float: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits is None and not self.keep_float:
-            raise ConfigError(f"override {self.pattern!r} needs bits or keep_float")
-        if self.bits is not None and not 2 <= int(self.bits) <= 16:
-            raise ConfigError(f"override {self.pattern!r}: bits must be 2..16, got {self.bits}")
-
-    @classmethod
-    def parse(cls, text: str) -> "LayerOverride":
-        """``PATTERN=BITS`` or ``PATTERN=float``."""
-        pattern, sep, value = text.partition("=")
-        if not sep or not pattern:
-            raise ConfigError(f"--override {text!r}: expected PATTERN=BITS or PATTERN=float")
-        if value.lower() in ("float", "fp32", "none"):
-            return cls(pattern, keep_float=True)
-        if not value.isdigit():
-            raise ConfigError(f"--override {text!r}: {value!r} is not a bit-width or 'float'")
-        return cls(pattern, bits=int(value))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class QuantConfig:
-    """One quantization run: what gets quantized, how, and how it is calibrated."""
-
-    recipe: str = "mse"
-    w_bits: int = 8
-    a_bits: int = 8
-    weight: TensorQuantSpec = dataclasses.field(
-        default_factory=lambda: TensorQuantSpec(symmetric=True, granularity="channel"))
-    activation: TensorQuantSpec = dataclasses.field(default_factory=TensorQuantSpec)
-    softmax: TensorQuantSpec = dataclasses.field(default_factory=TensorQuantSpec)
-    # what gets quantized (per op type)
-    linear: bool = True  # qkv, proj, fc1, fc2 weights and inputs
-    attention_matmul: bool = True  # q, k, v operands of the two attention matmuls
-    softmax_output: bool = True  # attention probabilities (input of attn @ v)
-    residual: bool = False  # outputs of the residual additions
-    patch_embed: bool = True
-    head: bool = True
-    overrides: list[LayerOverride] = dataclasses.field(default_factory=list)
-    # ViT-aware techniques (see bvvit/quant/reparam.py and gptq.py)
-    reparam_layernorm: bool = False  # fold per-channel post-LayerNorm ranges into LN + Linear
-    reparam_alpha: float = 1.0  # 1 = equalise channel ranges fully, 0 = not at all
-    gptq: bool = False  # GPTQ error-compensating rounding of Linear weights
-    gptq_damp: float = 0.01
-    gptq_act_order: bool = True
-    # block-wise reconstruction after calibration (QDrop/BRECQ + AdaRound; reconstruct.py)
-    reconstruct: bool = False
-    reconstruct_iters: int = 300  # Adam steps per unit (patch embedding, each block, head)
-    reconstruct_drop_prob: float = 0.0  # QDrop: chance of keeping an activation float (0: BRECQ)
-    calib_size: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.reparam_alpha <= 1.0:
-            raise ConfigError(f"reparam_alpha must be in [0, 1], got {self.reparam_alpha}")
-        if not 0.0 < self.gptq_damp < 1.0:
-            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
-        if not isinstance(self.reconstruct, bool):
-            raise ConfigError(f"reconstruct must be true or false, got {self.reconstruct!r}")
-        if isinstance(self.reconstruct_iters, bool) or not isinstance(self.reconstruct_iters, int) \
-                or self.reconstruct_iters <= 0:
-            raise ConfigError(f"reconstruct_iters must be a positive integer, got {self.reconstruct_iters!r}")
-        if isinstance(self.reconstruct_drop_prob, bool) \
-                or not isinstance(self.reconstruct_drop_prob, (int, float)) \
-                or not 0.0 <= self.reconstruct_drop_prob < 1.0:
-            raise ConfigError(f"reconstruct_drop_prob must be in [0, 1), got {self.reconstruct_drop_prob!r}")
-        for name in ("w_bits", "a_bits"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 2 <= value <= 16:
-                raise ConfigError(f"--{name.replace('_', '-')} must be between 2 and 16, got {value}")
-        if self.calib_size <= 0:
-            raise ConfigError(f"--calib-size must be positive, got {self.calib_size}")
-        # The top-level bit-widths win over the specs' own.
-        self.weight = dataclasses.replace(self.weight, bits=self.w_bits)
-        self.activation = dataclasses.replace(self.activation, bits=self.a_bits)
-        self.softmax = dataclasses.replace(self.softmax, bits=self.a_bits)
-
-    @property
-    def name(self) -> str:
-        return f"w{self.w_bits}a{self.a_bits}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        data = dict(data)
-        for key in ("weight", "activation", "softmax"):
-            if isinstance(data.get(key), dict):
-                data[key] = TensorQuantSpec.from_dict(data[key])
-        data["overrides"] = [o if isinstance(o, LayerOverride) else LayerOverride(**o)
-                             for o in data.get("overrides", [])]
-        return _from_dict(cls, data)
+__all__ = ["ModelConfig", "TrainConfig", "Preprocessing", "DictConfig", "dataclass_from_dict", "flag_name", "MAX_IMG_SIZE",
+           "MAX_TOKENS", "MAX_SEED", "INTERPOLATIONS"]

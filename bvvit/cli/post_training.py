@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 from bvvit.cli.common import OneLineParser, positive_int, run_cli
 from bvvit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -40,23 +43,25 @@ def unique_pairs(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """``pairs`` without repeats, first occurrences in order; a note when some repeat."""
     unique = list(dict.fromkeys(pairs))
     if len(unique) < len(pairs):
-        print(f"note: repeated bit depths run once: {' '.join(f'w{w}a{a}' for w, a in unique)}")
+        log.info(f"note: repeated bit depths run once: {' '.join(f'w{w}a{a}' for w, a in unique)}")
     return unique
 
 
 def bits_value(text: str) -> int:
     import argparse
 
+    from bvvit.quant.config import check_bits
+
     try:
-        value = int(text)
+        return check_bits(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a bit-width, got {text!r}") from None
-    if not 2 <= value <= 16:
-        raise argparse.ArgumentTypeError(f"bits must be between 2 and 16, got {value}")
-    return value
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> OneLineParser:
+    from bvvit.quant.config import DEFAULT_BITS, DEFAULT_CALIB_SIZE
     from bvvit.quant.recipes import DEFAULT_RECIPE, RECIPES
 
     p = OneLineParser(prog="post_training.py",
@@ -71,8 +76,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--overwrite", action="store_true",
                    help="the output folder holds earlier results: move them aside whole (to "
                         "OUTPUT.previous-DATE-TIME) and start afresh")
-    p.add_argument("--bits", type=bits_value, nargs="+", default=[4, 6, 8, 10, 12, 16],
-                   help="bit depths, each used for weights and activations (default: 4 6 8 10 12 16)")
+    p.add_argument("--bits", type=bits_value, nargs="+", default=list(DEFAULT_BITS),
+                   help="bit depths, each used for weights and activations (default: "
+                        f"{' '.join(map(str, DEFAULT_BITS))})")
     p.add_argument("--w-bits", type=bits_value, nargs="+", default=None,
                    help="weight bits (with --a-bits: decoupled pairs such as W4A8; replaces --bits)")
     p.add_argument("--a-bits", type=bits_value, nargs="+", default=None, help="activation bits")
@@ -80,8 +86,8 @@ def build_parser() -> OneLineParser:
                    help=f"quantization recipe (default: {DEFAULT_RECIPE})")
     p.add_argument("--baseline", default="minmax",
                    help="also run this recipe at each bit depth for comparison ('none' to skip)")
-    p.add_argument("--calib-size", type=positive_int, default=1024,
-                   help="calibration images, a seeded subset of the TRAINING split (default 1024: "
+    p.add_argument("--calib-size", type=positive_int, default=DEFAULT_CALIB_SIZE,
+                   help=f"calibration images, a seeded subset of the TRAINING split (default {DEFAULT_CALIB_SIZE}: "
                         "block reconstruction at <= 4 bits needs them; 256 is enough above)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--eval-subset", type=positive_int, default=None,
@@ -137,8 +143,8 @@ def build_parser() -> OneLineParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from bvvit.config import LayerOverride
     from bvvit.ptq.job import PTQJob, run
+    from bvvit.quant.config import MAX_BITS, LayerOverride
     from bvvit.quant.recipes import RECIPES
     from bvvit.system import resolve_device
 
@@ -165,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.softmax_log2:
         switches["softmax_method"] = "log2"
     if args.reconstruct or args.no_reconstruct:
-        switches["reconstruct"] = bool(args.reconstruct)
+        switches["reconstruct"] = {"enabled": bool(args.reconstruct)}  # the recipe's other settings stay
     job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
                  bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
                  calib_size=args.calib_size, batch_size=args.batch_size,
@@ -179,15 +185,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  onnx=not args.no_onnx, overwrite=args.overwrite)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
-    if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= 16:
+    if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= MAX_BITS:
         raise ConfigError(f"--avg-bits {args.avg_bits} must lie between the smallest candidate "
-                          f"width ({min(args.mp_candidates)}) and 16")
+                          f"width ({min(args.mp_candidates)}) and {MAX_BITS}")
     try:
         with signals_interrupt():
             run(job)
     except Interrupted as stop:
-        print(f"post_training.py: interrupted ({stop}); finished bit depths are kept and reused "
-              "by a rerun", file=sys.stderr)
+        log.error(f"post_training.py: interrupted ({stop}); finished bit depths are kept and reused "
+                  "by a rerun")
         return stop.exit_code
     return 0
 

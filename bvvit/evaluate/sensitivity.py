@@ -16,7 +16,7 @@ about two minutes on one CPU core):
   blocks i.. and the head.
 - Evaluation uses the first ``max_images`` (default 1000) evaluation images.
 
-Block-wise reconstruction (``cfg.reconstruct``) is not applied here: it adapts a whole
+Block-wise reconstruction (``cfg.reconstruct.enabled``) is not applied here: it adapts a whole
 block to its quantized neighbours, which a one-layer-at-a-time measurement has none of. The
 ranking is that of the layers' quantization error before reconstruction.
 

@@ -7,7 +7,7 @@ kind, e.g. ``blocks.0.attn.qkv:linear_input``, ``blocks.0.attn.matmul_qk:q``,
 The float tensors come from a copy of the FP model on its explicit attention path, hooked
 at the same places where :func:`bvvit.quant.quantize.convert` puts quantizers, so every
 tensor (the residual stream too) is seen even when a variant leaves it float. A variant
-whose LayerNorms were reparameterized (``reparam_layernorm``, exact in float) is compared
+whose LayerNorms were reparameterized (``reparam.enabled``, exact in float) is compared
 with its "float twin": the FP model with the same change folded in (:func:`float_twin`),
 so its qkv/fc1/head inputs are compared in the coordinates its quantizers work in.
 """

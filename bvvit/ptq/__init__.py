@@ -14,6 +14,6 @@ summary.py      summary rows (:data:`SUMMARY_COLUMNS`), summary.json/.csv, conso
 ==============  ===================================================================
 """
 
-from bvvit.ptq.job import DEFAULT_BITS, PTQJob, run
+from bvvit.ptq.job import PTQJob, run
 
-__all__ = ["PTQJob", "run", "DEFAULT_BITS"]
+__all__ = ["PTQJob", "run"]

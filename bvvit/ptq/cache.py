@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +21,10 @@ from torch import nn
 from bvvit import __version__
 from bvvit.errors import BVViTError
 from bvvit.io import atomic_write_json, json_safe, sha256_file
-from bvvit.config import QuantConfig
+from bvvit.quant.config import QuantConfig
 from bvvit.quant.storage import load_quantized_model
+
+log = logging.getLogger(__name__)
 
 # 2: metrics keyed as summary.csv's columns (lost_vs_fp32, ...), nested QuantConfig options
 RECORD_FORMAT = 2
@@ -77,10 +80,10 @@ def load_result(out: Path, name: str, cfg: QuantConfig, base: dict[str, Any]
                              "were computed from (content hashes differ or are missing)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, BVViTError) as exc:
         reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{name}: not reusing the earlier result ({reason}); recomputing")
+        log.info(f"{name}: not reusing the earlier result ({reason}); recomputing")
         return None
-    print(f"{name}: reusing {model_file.name} and its results from an earlier run "
-          f"(same checkpoint, data and config; content hash verified)")
+    log.info(f"{name}: reusing {model_file.name} and its results from an earlier run "
+             f"(same checkpoint, data and config; content hash verified)")
     return qmodel, stored
 
 

@@ -8,12 +8,15 @@ match its head).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 from bvvit.data import DataSource, resolve_data
 from bvvit.errors import DataError
 from bvvit.model_file import LoadedModel, load_model_file
+
+log = logging.getLogger(__name__)
 
 
 def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[int] = None
@@ -44,8 +47,8 @@ def _timm_data(loaded: LoadedModel, model_path: str, data_path: Optional[str]) -
                         f"{model_path} has {loaded.config.num_classes}")
     loaded.class_names = list(source.class_names)
     c = loaded.config
-    print(f"timm state dict: inferred ViT depth {c.depth}, dim {c.embed_dim}, {c.num_heads} heads, "
-          f"patch {c.patch_size}, {c.img_size}px; ImageNet normalisation")
+    log.info(f"timm state dict: inferred ViT depth {c.depth}, dim {c.embed_dim}, {c.num_heads} heads, "
+             f"patch {c.patch_size}, {c.img_size}px; ImageNet normalisation")
     return source
 
 

@@ -22,10 +22,9 @@ reused only when their content hash matches the one in their result record
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 
-from bvvit.config import LayerOverride
 from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader
 from bvvit.distributed import DistInfo, ShardSampler, barrier, init_distributed, shutdown_distributed
 from bvvit.errors import DataError, WriteError
@@ -50,11 +48,12 @@ from bvvit.ptq.output_dir import run_in_claimed_folder
 from bvvit.ptq.summary import build_summary, format_table, onnx_rows, write_summary
 from bvvit.ptq.variants import (Variant, config_maker, get_variant, measure_latency, quantizes_nothing,
                                 variant_config, variant_name)
+from bvvit.quant.config import DEFAULT_BITS, DEFAULT_CALIB_SIZE, LayerOverride
+from bvvit.quant.recipes import DEFAULT_RECIPE
 from bvvit.quant.storage import save_float_model
 from bvvit.report import write_report
 
-DEFAULT_BITS = (4, 6, 8, 10, 12, 16)
-
+log = logging.getLogger(__name__)
 
 @dataclass
 class PTQJob:
@@ -62,9 +61,9 @@ class PTQJob:
     output_dir: str
     data_path: Optional[str] = None  # default: what the checkpoint was trained on
     bit_pairs: list[tuple[int, int]] = field(default_factory=lambda: [(b, b) for b in DEFAULT_BITS])
-    recipe: str = "vit"
+    recipe: str = DEFAULT_RECIPE
     baseline: Optional[str] = "minmax"  # also run this recipe at each bit depth (None: skip)
-    calib_size: int = 1024
+    calib_size: int = DEFAULT_CALIB_SIZE
     batch_size: int = 256
     device: str = "cpu"
     seed: int = 0
@@ -90,14 +89,13 @@ def run(job: PTQJob) -> dict[str, Any]:
     if not info.enabled:
         return _raise_failures(run_in_claimed_folder(job, lambda out: _run(job, info, out)), job)
     # Ranks > 0 compute alongside rank 0 (the evaluations are collective) but write into a
-    # private folder that is deleted afterwards, and print nothing.
+    # private folder that is deleted afterwards (and the console is rank 0's: bvvit.console).
     scratch = None if info.is_main else Path(tempfile.mkdtemp(prefix=f"bvvit-rank{info.rank}-"))
     try:
         if info.is_main:
             summary = run_in_claimed_folder(job, lambda out: _run(job, info, out))
         else:
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                summary = _run(dataclasses.replace(job, progress=False), info, scratch)
+            summary = _run(dataclasses.replace(job, progress=False), info, scratch)
         barrier(info)  # rank 0's files are complete when any rank returns
         return _raise_failures(summary, job)
     finally:  # on an error torchrun stops the other ranks; no barrier to hang in
@@ -133,9 +131,9 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     calib_loader, calib_indices = calibration_loader(source, pre, job.calib_size, job.seed,
                                                      batch_size=min(64, job.batch_size))
     torch.manual_seed(job.seed)
-    print(f"model: {job.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
-          f"patch {loaded.config.patch_size}); data: {source.describe()}; "
-          f"evaluating on {len(val_set)} images, calibrating on {len(calib_indices)} training images")
+    log.info(f"model: {job.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
+             f"patch {loaded.config.patch_size}); data: {source.describe()}; "
+             f"evaluating on {len(val_set)} images, calibrating on {len(calib_indices)} training images")
 
     fp_model = loaded.model.to(device).eval()
     fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
@@ -145,7 +143,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "lost_vs_fp32": 0,
                        "gained_vs_fp32": 0, "drop_p_value": 1.0, "sqnr_db": math.inf, "kl_div": 0.0})
     variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
-    print(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
+    log.info(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 
     cache_key = cache_base(job.model_path, source.describe(), calib_indices, len(val_set), job.float_dtype)
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
@@ -160,9 +158,9 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
             variants.append(get_variant(out, name, cfg, cache_key, fp_model, fp_logits, loaded,
                                         calib_loader, val_loader, job, reuse=not info.enabled))
     if skipped:
-        print(f"WARNING: nothing would be quantized (--override ...=float and the --no-* switches "
-              f"keep every layer float): skipped {', '.join(skipped)} and what needs them (their "
-              "rows would only repeat fp32)")
+        log.warning(f"WARNING: nothing would be quantized (--override ...=float and the --no-* switches "
+                    f"keep every layer float): skipped {', '.join(skipped)} and what needs them (their "
+                    "rows would only repeat fp32)")
 
     mixed = None
     if (job.avg_bits is not None or job.max_weight_bytes is not None) and not skipped:
@@ -187,20 +185,20 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
         summary["onnx"] = json_safe(onnx_result)
         summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes)
     write_summary(out, summary)
-    print(format_table(summary["rows"]))
-    print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
+    log.info(format_table(summary["rows"]))
+    log.info(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
     if job.analysis != "none" and info.is_main:
         start = time.perf_counter()
         qmodels = {v.name: v.model for v in variants if v.config is not None}
         analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, local_loader, fp_logits,
                                 config_maker(job), progress=job.progress)
         report_path = write_report(out, summary, analysis)
-        print(f"analysis '{job.analysis}' took {time.perf_counter() - start:.1f}s; "
-              f"report: {report_path}")
+        log.info(f"analysis '{job.analysis}' took {time.perf_counter() - start:.1f}s; "
+                 f"report: {report_path}")
         suggested = (analysis.get("sensitivity") or {}).get("cli")
         if suggested:
-            print(f"most sensitive layers; to keep them at 8 bits add: {suggested}")
+            log.info(f"most sensitive layers; to keep them at 8 bits add: {suggested}")
     return summary
 
 
-__all__ = ["PTQJob", "run", "DEFAULT_BITS"]
+__all__ = ["PTQJob", "run"]

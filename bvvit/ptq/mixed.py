@@ -5,6 +5,7 @@ per-layer sensitivity at the candidate widths, the allocation under the budget
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,12 +13,14 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from bvvit.config import LayerOverride
 from bvvit.distributed import DistInfo, broadcast_from_main
 from bvvit.evaluate.sensitivity import sensitivity
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.variants import Variant, config_maker, get_variant, variant_config
+from bvvit.quant.config import LayerOverride
 from bvvit.quant.mixed_precision import allocate_bits, damage_table
+
+log = logging.getLogger(__name__)
 
 
 def mixed_precision_variant(job: Any, fp_model: nn.Module, fp_logits: torch.Tensor, loaded: LoadedModel,
@@ -43,8 +46,8 @@ def mixed_precision_variant(job: Any, fp_model: nn.Module, fp_logits: torch.Tens
                           job, reuse=not info.enabled)
     result = {**allocation.to_dict(), "candidates": list(candidates), "variant": name,
               "search_time_s": time.perf_counter() - start}
-    print(f"{name}: mean weight width {allocation.avg_bits:.2f} bits; layers above {base} bits: "
-          f"{', '.join(allocation.overrides()) or 'none'}")
+    log.info(f"{name}: mean weight width {allocation.avg_bits:.2f} bits; layers above {base} bits: "
+             f"{', '.join(allocation.overrides()) or 'none'}")
     return result, variant
 
 

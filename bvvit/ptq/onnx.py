@@ -7,6 +7,7 @@ PyTorch FP32 (:func:`export_and_measure`).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tempfile
 import time
@@ -30,6 +31,8 @@ from bvvit.quant.export import export_float_onnx, export_qdq_onnx, export_w4_wei
 from bvvit.runtime.onnxruntime import integer_op_report, make_session, matmul_nbits_error, numpy_fn, session_fn
 from bvvit.system import system_info
 
+log = logging.getLogger(__name__)
+
 
 def onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Iterable, loaded: LoadedModel,
               out: Path, job: Any, info: DistInfo) -> Optional[dict[str, Any]]:
@@ -43,7 +46,7 @@ def onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Iter
     by_name = {v.name: v for v in variants}
     w8a8 = by_name.get("w8a8")
     if w8a8 is None:
-        print("ONNX int8: skipped (no w8a8 variant in this run; add 8 to --bits)")
+        log.info("ONNX int8: skipped (no w8a8 variant in this run; add 8 to --bits)")
         return None
     start = time.perf_counter()
     sim_logits = w8a8.logits if w8a8.logits is not None else collect_logits(w8a8.model, val_loader)[0]
@@ -60,17 +63,17 @@ def onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Iter
         failure = _write_failure(exc)
         if failure is None and not isinstance(exc, BVViTError):
             raise
-        print(f"ONNX int8: skipped: {failure or exc}" + (f" ({exc})" if failure else ""))
+        log.info(f"ONNX int8: skipped: {failure or exc}" + (f" ({exc})" if failure else ""))
         # a full disk is a failure of the run (reported at its end), not a limitation of the model
         return {"failed": True, "error": failure, "detail": str(exc)} if failure else None
     acc = result["accuracy"]
-    print(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
-          f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
-          + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
-          + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
-          f"({time.perf_counter() - start:.1f}s)")
+    log.info(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
+             f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
+             + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
+             + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
+             f"({time.perf_counter() - start:.1f}s)")
     if result["w8a8_fused"]["error"]:
-        print(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
+        log.info(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
     return result
 
 
@@ -81,7 +84,6 @@ def _write_failure(exc: BaseException) -> Optional[str]:
         return None
     return "no space left on device" if code in (errno.ENOSPC, errno.EDQUOT) else \
         f"cannot write ({os.strerror(code).lower()})"
-
 
 
 def _vs_fp32(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:

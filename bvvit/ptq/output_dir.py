@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -16,6 +17,8 @@ from bvvit.io import json_safe, recording_writes, sha256_file
 from bvvit.model_file import load_model_file
 from bvvit.ptq.cache import packed_path, result_path
 from bvvit.run_dir import MANIFEST_NAME, RunManifest, claim_output_dir, read_manifest
+
+log = logging.getLogger(__name__)
 
 # What marks a folder as holding post_training results.
 RESULT_MARKERS = (MANIFEST_NAME, "summary.json", "summary.csv", "report.html", "report.md",
@@ -35,8 +38,8 @@ def run_in_claimed_folder(job: Any, work: Callable[[Path], dict[str, Any]]) -> d
             summary = work(out)
         removed = manifest.finish(written + _variant_files(out, summary), {"data": summary["data"]})
         if removed:
-            print(f"removed {len(removed)} file(s) an earlier run left in {out} that this run did "
-                  f"not make: {', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''}")
+            log.info(f"removed {len(removed)} file(s) an earlier run left in {out} that this run did "
+                     f"not make: {', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''}")
     return summary
 
 

@@ -5,6 +5,7 @@ evaluate against FP32, write its result record) or reusing an earlier run's.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +14,17 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from bvvit.config import LayerOverride, QuantConfig
 from bvvit.evaluate.classification import evaluate_classifier
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.cache import load_result, packed_path, save_result
+from bvvit.quant.config import LayerOverride, QuantConfig
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.quantize import convert, quantize_model
 from bvvit.quant.recipes import make_quant_config
 from bvvit.quant.storage import round_float_parts, save_quantized_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, An
     start = time.perf_counter()
     qmodel, report = quantize_model(fp_model, cfg, calib_loader, job.device, job.progress)
     for warning in report.warnings:
-        print(f"WARNING [{name}]: {warning}")
+        log.warning(f"WARNING [{name}]: {warning}")
     round_float_parts(qmodel, job.float_dtype)  # evaluated as stored (--float-dtype fp16)
     file_info = save_quantized_model(packed_path(out, name), qmodel, cfg,
                                      loaded, report, float_dtype=job.float_dtype)
@@ -95,10 +98,10 @@ def make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, An
                                           progress=job.progress)
     variant = Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info, logits)
     save_result(out, name, cache_key, cfg, metrics, variant.report, file_info)
-    print(f"{name}: top-1 {metrics['top1']:.2f}% (drop {metrics['top1_drop']:+.2f}), "
-          f"agreement {metrics['agreement']:.2f}%, SQNR {metrics['sqnr_db']:.1f} dB, "
-          f"file {file_info['size_bytes'] / 1024:.1f} KiB, calibration "
-          f"{report.calibration_time_s:.1f}s ({time.perf_counter() - start:.1f}s total)", flush=True)
+    log.info(f"{name}: top-1 {metrics['top1']:.2f}% (drop {metrics['top1_drop']:+.2f}), "
+             f"agreement {metrics['agreement']:.2f}%, SQNR {metrics['sqnr_db']:.1f} dB, "
+             f"file {file_info['size_bytes'] / 1024:.1f} KiB, calibration "
+             f"{report.calibration_time_s:.1f}s ({time.perf_counter() - start:.1f}s total)")
     return variant
 
 

@@ -15,7 +15,7 @@ QuantAdd       output (the residual stream)                    block.residual1/2
 An :class:`ActQuantizer` has three states: ``observe`` (collect statistics, pass the float
 tensor through), ``quantize`` (fake-quantize with frozen qparams) and ``off``. Calibration
 is the explicit step that moves it from the first to the second (see
-:mod:`bvvit.quant.calibrate`); quantizing before calibration is an error.
+:func:`bvvit.quant.quantize.calibrate`); quantizing before calibration is an error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bvvit.config import TensorQuantSpec
+from bvvit.quant.config import TensorQuantSpec
 from bvvit.quant.observers import Observer, make_observer
 from bvvit.quant.primitives import (Granularity, PerChannel, PerGroup, PerTensor, QParams, bf16_ceil)
 

@@ -51,6 +51,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from bvvit.quant.config import check_bits
+
 __all__ = [
     "PerTensor",
     "PerChannel",
@@ -147,9 +149,9 @@ def _norm_axis(axis: int, ndim: int) -> int:
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range: signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``; 2 <= bits <= 16."""
-    if not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 2..16, got {bits!r}")
+    """Integer range: signed ``[-2^(b-1), 2^(b-1)-1]``, unsigned ``[0, 2^b-1]``, for
+    :data:`~bvvit.quant.config.MIN_BITS` <= bits <= :data:`~bvvit.quant.config.MAX_BITS`."""
+    bits = check_bits(bits, error=ValueError)
     if signed:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bvvit.config import LayerOverride, QuantConfig, TensorQuantSpec
 from bvvit.errors import ConfigError
 from bvvit.model import Add, MatMul, Softmax, VisionTransformer
+from bvvit.quant.config import GPTQOptions, LayerOverride, QuantConfig, TensorQuantSpec
 from bvvit.quant.gptq import gptq_codes, input_hessians
-from bvvit.quant.reconstruct import ReconstructOptions, reconstruct_model
-from bvvit.quant.reparam import reparameterize_layernorms
 from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, QuantLinear,
                                  QuantMatMul, QuantSoftmax, act_quantizers)
+from bvvit.quant.reconstruct import reconstruct_model
+from bvvit.quant.reparam import reparameterize_layernorms
 
 
 @dataclass
@@ -190,16 +190,16 @@ def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Opti
     exact in float, so it computes the same function); GPTQ codes replace rounding when
     the config asks. ``model`` is never modified.
     """
-    if (cfg.reparam_layernorm or cfg.gptq or cfg.reconstruct) and calibration_loader is None:
+    if (cfg.reparam.enabled or cfg.gptq.enabled or cfg.reconstruct.enabled) and calibration_loader is None:
         raise ConfigError("LayerNorm reparameterization, GPTQ and reconstruction need calibration data")
     work = model
     extras: dict[str, Any] = {}
-    if cfg.reparam_layernorm:
+    if cfg.reparam.enabled:
         work = copy.deepcopy(model).eval()
-        extras["reparam"] = reparameterize_layernorms(work, calibration_loader, cfg.reparam_alpha, device)
+        extras["reparam"] = reparameterize_layernorms(work, calibration_loader, cfg.reparam.alpha, device)
     qmodel, warnings = convert(work, cfg)
-    if cfg.gptq:
-        extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg, device)
+    if cfg.gptq.enabled:
+        extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg.gptq, device)
     return work, qmodel, warnings, extras
 
 
@@ -221,17 +221,16 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
         report.calibration_images, _ = calibrate(qmodel, calibration_loader, device, progress)
-    if cfg.reconstruct:
-        options = ReconstructOptions(iters=cfg.reconstruct_iters, drop_prob=cfg.reconstruct_drop_prob,
-                                     seed=cfg.seed)
-        report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, options, device)
+    if cfg.reconstruct.enabled:
+        report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
+                                                         device, seed=cfg.seed)
     report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)
     report.coverage, report.layers = coverage_table(qmodel)
     return qmodel.eval(), report
 
 
-def apply_gptq(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, cfg: QuantConfig,
+def apply_gptq(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, options: GPTQOptions,
                device: torch.device | str = "cpu") -> list[str]:
     """Replace round-to-nearest codes of every quantized Linear by GPTQ codes, using the
     float model's inputs to that layer as the Hessian data. Returns the layers changed."""
@@ -241,8 +240,8 @@ def apply_gptq(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, cfg:
     for name in names:
         module = qmodel.get_submodule(name)
         float_weight = float_model.get_submodule(name).weight
-        codes = gptq_codes(float_weight, hessians[name], module.weight_qparams, cfg.gptq_damp,
-                           act_order=cfg.gptq_act_order)
+        codes = gptq_codes(float_weight, hessians[name], module.weight_qparams, options.damp,
+                           act_order=options.act_order)
         module.weight_codes = codes.to(module.weight_codes.dtype)
         module.refresh_weight()
     return names

@@ -19,10 +19,13 @@ vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable
 
-from bvvit.config import QuantConfig, TensorQuantSpec
 from bvvit.errors import ConfigError
+from bvvit.quant.config import (GPTQOptions, QuantConfig, ReconstructOptions, ReparamOptions, TensorQuantSpec,
+                                check_bits)
 
 
 def _minmax(w_bits: int, a_bits: int) -> dict[str, Any]:
@@ -59,15 +62,15 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     BENCHMARKS.md section 4). The log2 softmax quantizer is a switch
     (``softmax_method="log2"``), not part of the default: it lowered W4A4 accuracy on both
     demo models (17 tokens: attention probabilities are large, where a log grid is coarse)."""
-    return {**_mse(w_bits, a_bits), "reparam_layernorm": True, "gptq": True,
-            "reconstruct": min(w_bits, a_bits) <= LOW_BITS}
+    return {**_mse(w_bits, a_bits), "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
+            "reconstruct": ReconstructOptions(enabled=min(w_bits, a_bits) <= LOW_BITS)}
 
 
 def _vit_recon(w_bits: int, a_bits: int) -> dict[str, Any]:
     """``vit`` followed by block-wise reconstruction (bvvit/quant/reconstruct.py): the GPTQ
     codes are refined by learned rounding and the activation step sizes are learned, block
     by block, against the float model's outputs on the calibration images."""
-    return {**_vit(w_bits, a_bits), "reconstruct": True}
+    return {**_vit(w_bits, a_bits), "reconstruct": ReconstructOptions(enabled=True)}
 
 
 RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
@@ -80,17 +83,24 @@ RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
 DEFAULT_RECIPE = "vit"
 
 
+_OPTIONS = {"reparam": ReparamOptions, "gptq": GPTQOptions, "reconstruct": ReconstructOptions}
+
+
 def make_quant_config(recipe: str = DEFAULT_RECIPE, w_bits: int = 8, a_bits: int = 8,
-                      softmax_method: str | None = None, **fields: Any) -> QuantConfig:
-    """A :class:`QuantConfig` for ``recipe`` at the given bit-widths; ``fields`` override.
+                      softmax_method: str | None = None, **changes: Any) -> QuantConfig:
+    """A :class:`QuantConfig` for ``recipe`` at the given bit-widths; ``changes`` replace its
+    fields (``head=False``, ``overrides=[...]``, ``calib_size=...``). A technique's options
+    are replaced whole by an options object, or changed in part by a dict:
+    ``reconstruct={"enabled": False}`` keeps the recipe's other reconstruction settings.
 
     ``softmax_method="log2"`` quantizes attention probabilities on a log grid."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    if not isinstance(w_bits, int) or not 2 <= w_bits <= 16 or not isinstance(a_bits, int) \
-            or not 2 <= a_bits <= 16:
-        raise ConfigError(f"bits must be between 2 and 16, got w{w_bits} a{a_bits}")
-    bundle = RECIPES[recipe](w_bits, a_bits)
+    bundle = RECIPES[recipe](check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits"))
     if softmax_method is not None:
         bundle["softmax"] = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method=softmax_method)
-    return QuantConfig(recipe=recipe, w_bits=w_bits, a_bits=a_bits, **{**bundle, **fields})
+    for key, value in changes.items():
+        if key in _OPTIONS and isinstance(value, Mapping):
+            value = dataclasses.replace(bundle.get(key, _OPTIONS[key]()), **value)
+        bundle[key] = value
+    return QuantConfig(recipe=recipe, **bundle)

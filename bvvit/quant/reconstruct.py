@@ -40,41 +40,17 @@ images (demo model, 8 units x 300 steps: about 1.5 minutes on one CPU thread).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bvvit.quant.config import ReconstructOptions
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.primitives import PerGroup, QParams, from_groups, to_groups
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
-
-
-@dataclass(frozen=True)
-class ReconstructOptions:
-    """Hyperparameters of :func:`reconstruct_model` (defaults measured on the demo model)."""
-
-    iters: int = 300  # Adam steps per unit
-    batch_size: int = 32  # images per step
-    drop_prob: float = 0.0  # QDrop: chance of keeping an activation float (0 = BRECQ)
-    weight_lr: float = 1e-2  # Adam rate of the AdaRound variables V
-    act_lr: float = 1e-2  # Adam rate of log(activation scale)
-    reg_weight: float = 10.0  # rounding regulariser (mean over weights) against the relative MSE
-    warmup: float = 0.2  # fraction of iterations without the regulariser
-    beta: tuple[float, float] = (20.0, 2.0)  # annealed regulariser exponent (start, end)
-    init: str = "codes"  # "codes": start from the current codes; "floor": AdaRound's w/s
-    learn_act: bool = True  # LSQ step sizes of the activation quantizers
-    units: str = "all"  # "all" (patch embedding, blocks, head) or "blocks"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1 or not 0.0 <= self.drop_prob < 1.0:
-            raise ValueError(f"need iters >= 1, batch_size >= 1 and 0 <= drop_prob < 1: {self}")
-        if self.init not in ("codes", "floor") or self.units not in ("all", "blocks"):
-            raise ValueError(f"init must be codes or floor, units all or blocks: {self}")
 
 
 # ------------------------------------------------------------------ units of the model
@@ -314,14 +290,15 @@ def _images(loader: Iterable, device: torch.device | str) -> Tensor:
 
 @torch.inference_mode(False)
 def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterable,
-                      options: ReconstructOptions = ReconstructOptions(),
-                      device: torch.device | str = "cpu") -> dict[str, Any]:
+                      options: ReconstructOptions = ReconstructOptions(enabled=True),
+                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Reconstruct every unit of the calibrated ``qmodel`` in data order against
     ``float_model`` (the float network ``qmodel`` was converted from, e.g. after LayerNorm
-    reparameterization) on the images of ``loader``. Modifies ``qmodel`` in place and
-    returns per-unit statistics and the time taken."""
+    reparameterization) on the images of ``loader``, with the hyperparameters of ``options``
+    (its ``enabled`` is the caller's business) and QDrop's random draws from ``seed``.
+    Modifies ``qmodel`` in place and returns per-unit statistics and the time taken."""
     start = time.perf_counter()
-    generator = torch.Generator(device="cpu").manual_seed(options.seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     float_model.eval()
     qmodel.eval().to(device)
     f_units = dict(model_units(float_model, options.units))
@@ -338,4 +315,4 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
             "iters": options.iters, "drop_prob": options.drop_prob}
 
 
-__all__ = ["ReconstructOptions", "reconstruct_model", "reconstruct_unit", "model_units", "unit_error"]
+__all__ = ["reconstruct_model", "reconstruct_unit", "model_units", "unit_error"]

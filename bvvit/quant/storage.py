@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bvvit.config import ModelConfig, Preprocessing, QuantConfig
+from bvvit.config import ModelConfig, Preprocessing
 from bvvit.errors import CheckpointError
 from bvvit.io import atomic_path
 from bvvit.model import VisionTransformer
+from bvvit.quant.config import QuantConfig
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.log2 import qparams_from_dict
 from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits

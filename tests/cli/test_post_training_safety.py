@@ -226,7 +226,7 @@ def test_override_that_keeps_everything_float_gets_no_quantized_row(trained, tmp
     out = tmp_path / "q"
     result = _ptq(trained[1] / "vit_model.pth", out, "--bits", "8", "--override", "*=float")
     assert result.returncode == 0, result.stderr
-    warnings = [line for line in result.stdout.splitlines() if "nothing would be quantized" in line]
+    warnings = [line for line in result.stderr.splitlines() if "nothing would be quantized" in line]
     assert len(warnings) == 1 and "w8a8" in warnings[0]
     assert [r["name"] for r in _rows(out)] == ["fp32"]
     assert list(json.loads((out / "summary.json").read_text())["skipped_variants"]) == ["w8a8"]

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import LayerOverride, ModelConfig
+from bvvit.config import ModelConfig
 from bvvit.evaluate.analysis import (GROUPS, activation_statistics, float_twin, grid_range, per_layer_sqnr,
                                      quantizer_ids, run_analysis, weight_statistics)
 from bvvit.evaluate.sensitivity import overrides_cli, sensitivity, suggest_overrides
 from bvvit.metrics import kl_divergence
 from bvvit.model import VisionTransformer
+from bvvit.quant.config import LayerOverride
 from bvvit.quant.modules import QuantLinear
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
@@ -181,7 +182,7 @@ def test_sensitivity_puts_the_fragile_layer_first(calib, evaluation):
 def _vit(bits, overrides):
     # sensitivity measures each layer's quantization before reconstruction (which needs the
     # whole block quantized), so the single-layer reference must not reconstruct either
-    return make_quant_config("vit", bits, bits, calib_size=32, overrides=overrides, reconstruct=False)
+    return make_quant_config("vit", bits, bits, calib_size=32, overrides=overrides, reconstruct={"enabled": False})
 
 
 @pytest.mark.parametrize("make_config", [_minmax, _vit], ids=["minmax", "vit"])

@@ -1,11 +1,9 @@
 """Tests for bvvit.quant.primitives: bit-exactness vs torch, properties, granularity."""
 
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +56,7 @@ def test_qrange_values():
 
 @pytest.mark.parametrize("bits", [0, 1, 17, 32])
 def test_qrange_rejects_bad_bits(bits):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be between 2 and 16"):  # the one bit-range check
         qrange(bits, signed=True)
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import LayerOverride
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.metrics import sqnr_db
+from bvvit.quant.config import LayerOverride
 from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import RECIPES, make_quant_config

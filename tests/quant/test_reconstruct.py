@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from bvvit.config import QuantConfig
 from bvvit.errors import ConfigError
 from bvvit.metrics import sqnr_db
 from bvvit.model import VisionTransformer
+from bvvit.quant.config import QuantConfig, ReconstructOptions
 from bvvit.quant.log2 import LogQParams
 from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.quantize import calibrate, prepare, quantize_model
-from bvvit.quant.reconstruct import (ReconstructOptions, model_units, reconstruct_model,
+from bvvit.quant.reconstruct import (model_units, reconstruct_model,
                                      reconstruct_unit, unit_error)
 from bvvit.quant.recipes import make_quant_config
 from bvvit.quant.storage import load_quantized_model, save_quantized_model
@@ -59,7 +59,7 @@ def test_reconstruction_lowers_the_block_error(model, calib, drop_prob):
 
 
 def test_codes_stay_integers_in_range_and_the_file_reloads_bit_for_bit(model, calib, tmp_path):
-    cfg = make_quant_config("vit-recon", 3, 3, reconstruct_iters=ITERS)
+    cfg = make_quant_config("vit-recon", 3, 3, reconstruct={"iters": ITERS})
     qmodel, report = quantize_model(model, cfg, calib)
     _, start = _calibrated(model, calib, "vit", 3)
     codes, scales = _state(start)
@@ -92,7 +92,7 @@ def test_deterministic_with_a_fixed_seed(model, calib):
     results = []
     for seed in (0, 0, 1):
         work, qmodel = _calibrated(model, calib)
-        reconstruct_model(work, qmodel, calib, ReconstructOptions(iters=ITERS // 2, seed=seed))
+        reconstruct_model(work, qmodel, calib, ReconstructOptions(iters=ITERS // 2), seed=seed)
         results.append(_state(qmodel))
     (codes_a, scales_a), (codes_b, scales_b), (codes_c, _) = results
     assert all(torch.equal(codes_a[k], codes_b[k]) for k in codes_a)
@@ -102,8 +102,8 @@ def test_deterministic_with_a_fixed_seed(model, calib):
 
 def test_recipe_runs_end_to_end_and_beats_vit_on_its_calibration_data(model, calib):
     images = torch.cat([x for x, _ in calib])
-    vit, _ = quantize_model(model, make_quant_config("vit", 3, 3, reconstruct=False), calib)
-    cfg = make_quant_config("vit-recon", 3, 3, reconstruct_iters=ITERS)
+    vit, _ = quantize_model(model, make_quant_config("vit", 3, 3, reconstruct={"enabled": False}), calib)
+    cfg = make_quant_config("vit-recon", 3, 3, reconstruct={"iters": ITERS})
     recon, report = quantize_model(model, cfg, calib)
     stats = report.extras["reconstruct"]
     assert list(stats["units"]) == ["embed", "blocks.0", "blocks.1", "head"]
@@ -114,15 +114,15 @@ def test_recipe_runs_end_to_end_and_beats_vit_on_its_calibration_data(model, cal
         ref = model(images)
         assert sqnr_db(ref, recon(images)) > sqnr_db(ref, vit(images))
     # the switch on any recipe is the same as the recipe
-    assert make_quant_config("vit", 6, 6, reconstruct=True).to_dict() == \
+    assert make_quant_config("vit", 6, 6, reconstruct={"enabled": True}).to_dict() == \
         {**make_quant_config("vit-recon", 6, 6).to_dict(), "recipe": "vit"}
     # vit itself reconstructs when weights or activations have <= 4 bits, and only then
-    assert make_quant_config("vit", 4, 8).reconstruct and make_quant_config("vit", 8, 3).reconstruct
-    assert not make_quant_config("vit", 6, 6).reconstruct
+    assert make_quant_config("vit", 4, 8).reconstruct.enabled and make_quant_config("vit", 8, 3).reconstruct.enabled
+    assert not make_quant_config("vit", 6, 6).reconstruct.enabled
 
 
 def test_log2_softmax_and_no_grad_callers_are_fine(model, calib):
-    cfg = make_quant_config("vit-recon", 4, 4, softmax_method="log2", reconstruct_iters=10)
+    cfg = make_quant_config("vit-recon", 4, 4, softmax_method="log2", reconstruct={"iters": 10})
     with torch.no_grad():  # evaluation code often quantizes under no_grad
         qmodel, report = quantize_model(model, cfg, calib)
     softmax = [q for name, q in act_quantizers(qmodel) if q.kind == "softmax"]
@@ -131,14 +131,13 @@ def test_log2_softmax_and_no_grad_callers_are_fine(model, calib):
 
 
 def test_config_validates_and_round_trips():
-    cfg = make_quant_config("vit-recon", 4, 4, reconstruct_iters=50, reconstruct_drop_prob=0.25)
+    cfg = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 50, "drop_prob": 0.25})
     again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg and again.reconstruct and again.reconstruct_iters == 50
-    assert not make_quant_config("vit", 8, 8).reconstruct
-    for bad in ({"reconstruct_iters": 0}, {"reconstruct_iters": 2.5}, {"reconstruct_drop_prob": 1.0},
-                {"reconstruct_drop_prob": -0.1}, {"reconstruct": "yes"}):
+    assert again == cfg and again.reconstruct.enabled and again.reconstruct.iters == 50
+    assert not make_quant_config("vit", 8, 8).reconstruct.enabled
+    for bad in ({"iters": 0}, {"iters": 2.5}, {"drop_prob": 1.0}, {"drop_prob": -0.1}, {"enabled": "yes"}):
         with pytest.raises(ConfigError):
-            make_quant_config("vit-recon", 4, 4, **bad)
+            make_quant_config("vit-recon", 4, 4, reconstruct=bad)
     with pytest.raises(ConfigError, match="calibration"):
         quantize_model(VisionTransformer(QUANT_CFG), make_quant_config("vit-recon", 4, 4), None)
 
