@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
-
 @dataclass
 class DistInfo:
     world_size: int = 1

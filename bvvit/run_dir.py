@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from bvvit import __version__
 from bvvit.errors import ConfigError, WriteError
 from bvvit.io import atomic_write_json, ensure_dir, is_temporary_name, sha256_file
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".bvvit.lock"
 TRAINING_MARKERS = ("config.json", "vit_model.pth", "checkpoints", "metrics.csv",
@@ -177,7 +180,7 @@ def claim_output_dir(folder: Path | str, markers: Sequence[str], refusal: Refusa
             check_movable(real, inputs)
             lock.forget_file()  # the lock file must not travel with the old run
             aside = move_aside(real, inputs)
-            print(f"--overwrite: moved the previous run in {folder} to {aside}", flush=True)
+            log.info(f"--overwrite: moved the previous run in {folder} to {aside}")
             old, lock = lock, FolderLock.acquire(real)
             old.release()
         elif found:
@@ -186,8 +189,7 @@ def claim_output_dir(folder: Path | str, markers: Sequence[str], refusal: Refusa
                 raise ConfigError(reason)
         removed = remove_temporary_leftovers(real)
         if removed:
-            print(f"removed {len(removed)} temporary file(s) an interrupted run left in {folder}",
-                  flush=True)
+            log.info(f"removed {len(removed)} temporary file(s) an interrupted run left in {folder}")
         yield folder
     finally:
         lock.release()

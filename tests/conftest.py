@@ -16,9 +16,17 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(1)
 
 from bvvit.config import ModelConfig  # noqa: E402
+from bvvit.console import configure_console  # noqa: E402
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 HAS_FMNIST = (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+@pytest.fixture(autouse=True)
+def console() -> None:
+    """The console the command lines set up (bvvit.console): INFO lines on stdout, warnings
+    and errors on stderr, so tests that call a stage in this process see what a user sees."""
+    configure_console(rank=0)
 
 
 @pytest.fixture

@@ -57,6 +57,9 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 300
                           text=True, env=full_env, timeout=timeout, cwd=ROOT)
 
 
+# run.py with fault-injecting test hooks (tests/train/hooked_run.py)
+HOOKED_RUN = "tests/train/hooked_run.py"
+
 TINY_MODEL_ARGS = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "16", "--depth", "1",
                    "--num-heads", "2"]
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import sys
+import logging
 from typing import Callable, NoReturn, Optional, Sequence
 
+from bvvit.console import configure_console
 from bvvit.errors import BVViTError
+
+log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -32,22 +35,24 @@ def user_message(exc: BaseException) -> str:
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None,
             prog: str = "bvvit") -> int:
-    """Run ``main``; user errors become ``prog: error: ...`` on stderr and exit code 2."""
+    """Run ``main`` with the console configured (:mod:`bvvit.console`); user errors become
+    ``prog: error: ...`` on stderr and exit code 2."""
+    configure_console()
     try:
         return main(argv)
     except BVViTError as exc:
-        print(f"{prog}: error: {user_message(exc)}", file=sys.stderr)
+        log.error(f"{prog}: error: {user_message(exc)}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        log.error(f"{prog}: interrupted")
         return EXIT_INTERRUPTED
     except OSError as exc:
         # The file system refused a path the user gave (too long, unreadable, ...) somewhere
         # no stage turned it into its own message: still one line naming the path.
         if exc.errno not in USER_PATH_ERRNOS or exc.filename is None:
             raise
-        print(f"{prog}: error: cannot use {exc.filename}: {exc.strerror}; check the path and "
-              "its permissions", file=sys.stderr)
+        log.error(f"{prog}: error: cannot use {exc.filename}: {exc.strerror}; check the path and "
+                  "its permissions")
         return EXIT_USER_ERROR
 
 

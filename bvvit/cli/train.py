@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from bvvit.cli.common import OneLineParser, positive_int, run_cli
 from bvvit.config import TrainConfig
+
+if TYPE_CHECKING:
+    from bvvit.train.runner import TrainHooks
 
 
 def build_parser() -> OneLineParser:
@@ -68,7 +71,8 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, hooks: Optional["TrainHooks"] = None) -> int:
+    """run.py: train with the flags in ``argv``; ``hooks`` reach the training loop (tests)."""
     args = build_parser().parse_args(argv)
     # Heavy imports after parsing so that --help is instant.
     from bvvit.data import resolve_data
@@ -91,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path_rate)
     try:
         fit(model_cfg, cfg, source, argv=list(sys.argv if argv is None else argv),
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, hooks=hooks)
     except TrainingInterrupted as stopped:
         return stopped.exit_code
     finally:

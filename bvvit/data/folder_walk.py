@@ -43,7 +43,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 _BROKEN_LINK_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG})
 
 
-
 class SkipKind(NamedTuple):
     """A kind of entry the walk skips, worded for "{verb} {count} {noun}s {rest}"."""
 

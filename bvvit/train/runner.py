@@ -9,13 +9,14 @@ and RNG states travel in the checkpoint; the metric history travels with them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -41,7 +42,23 @@ from bvvit.train.sampler import ShardedEpochSampler
 from bvvit.train.settings import check_model_fits, check_resume, settings_in_use
 from bvvit.train.signals import StopRequest, StopRequested
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "vit_model.pth"
+
+
+def _nothing(_: int) -> None:
+    pass
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks the training loop calls at fixed points; they do nothing by default. Tests
+    inject faults through them (a signal after N optimizer steps, a kill after an epoch's
+    checkpoint); the loop itself reads no environment."""
+
+    after_step: Callable[[int], None] = _nothing  # optimizer steps taken so far, after each step
+    after_epoch: Callable[[int], None] = _nothing  # epochs done, after the epoch is saved and logged
 
 
 @dataclass
@@ -62,7 +79,6 @@ def model_config_for_data(source: DataSource, img_size: Optional[int], num_class
     size = img_size or source.native_size or 224
     return ModelConfig(img_size=size, in_chans=source.in_chans, num_classes=source.num_classes,
                        **hyper)
-
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -102,17 +118,18 @@ def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
 
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
-        argv: Optional[list[str]] = None, overwrite: bool = False) -> TrainResult:
+        argv: Optional[list[str]] = None, overwrite: bool = False,
+        hooks: Optional[TrainHooks] = None) -> TrainResult:
     """Train into ``cfg.output_dir``, claimed first (bvvit.run_dir): one writer at a time,
     and a folder holding another run is refused unless resumed or, with ``overwrite``,
-    moved aside whole."""
+    moved aside whole. ``hooks``: callbacks at fixed points of the loop (tests)."""
     inputs = [source.root, cfg.pretrained_path or ""]
     with claim_training_dir(Path(cfg.output_dir), cfg.resume, overwrite, inputs):
-        return _fit(model_cfg, cfg, source, argv)
+        return _fit(model_cfg, cfg, source, argv, hooks or TrainHooks())
 
 
-def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
-         argv: Optional[list[str]] = None) -> TrainResult:
+def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, argv: Optional[list[str]],
+         hooks: TrainHooks) -> TrainResult:
     cfg, warnings = settings_in_use(cfg)  # absolute data path, workers capped: what is recorded
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -121,7 +138,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     for warning in warnings:
-        _say(info, warning)
+        log.warning(warning)
     check_model_fits(model_cfg, device)
     precision = choose_precision(device, cfg.amp)
     torch.manual_seed(cfg.seed)
@@ -145,8 +162,8 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     model = VisionTransformer(model_cfg)
     if cfg.pretrained_path and point is None:
         skipped = _load_pretrained_file(model, cfg.pretrained_path)
-        _say(info, f"loaded pretrained weights from {cfg.pretrained_path}"
-             + (f" (new head: {', '.join(skipped)})" if skipped else ""))
+        log.info(f"loaded pretrained weights from {cfg.pretrained_path}"
+                 + (f" (new head: {', '.join(skipped)})" if skipped else ""))
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = sampler.steps_per_epoch
@@ -162,7 +179,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     partial: Optional[EpochProgress] = None
     rng_at_stop: Optional[dict[str, Any]] = None
     if cfg.resume and point is None:
-        _say(info, f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
+        log.info(f"--resume auto: no checkpoint in {ckpt_dir} yet, starting from scratch")
     elif point is not None:
         start_epoch, history, best_acc = restore_training_state(point.payload, str(point.path), model,
                                                   optimizer, scheduler, scaler, model_cfg)
@@ -172,7 +189,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
             rng_at_stop = point.payload.get("rng")
         note = " (last.pth was unreadable: used the backup)" if point.fell_back else ""
         where = f", {partial.steps} steps into epoch {start_epoch + 1}" if partial else ""
-        _say(info, f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done{where}")
+        log.info(f"resumed from {point.path}{note}: epoch {start_epoch} of {cfg.epochs} done{where}")
     finished_before = start_epoch >= cfg.epochs  # --resume of a finished run: nothing to train
 
     train_model: nn.Module = model
@@ -187,15 +204,18 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
     if info.is_main and not (finished_before and (out / "config.json").exists()):
         atomic_write_json(out / "config.json",
                           _run_info(model_cfg, cfg, source, pre, model, precision.name, argv, info))
-    _say(info, f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
-    _say(info, f"model: ViT {model_cfg.depth}x{model_cfg.embed_dim}, patch {model_cfg.patch_size}, "
-         f"{count_parameters(model) / 1e6:.2f}M parameters; device {device}, {precision.name}, "
-         f"{torch.get_num_threads()} threads" + (f", {info.world_size} processes" if info.enabled else ""))
+    log.info(f"data: {source.describe()}; train {len(train_set)}, val {len(val_set)} images")
+    log.info(f"model: ViT {model_cfg.depth}x{model_cfg.embed_dim}, patch {model_cfg.patch_size}, "
+             f"{count_parameters(model) / 1e6:.2f}M parameters; device {device}, {precision.name}, "
+             f"{torch.get_num_threads()} threads" + (f", {info.world_size} processes" if info.enabled else ""))
 
     tensorboard = TensorBoardSink(out / "tensorboard") if cfg.tensorboard and info.is_main else None
-    kill_after = os.environ.get("BVVIT_KILL_AFTER_EPOCH")  # test hook: simulate a crash
-    stop_after_steps = os.environ.get("BVVIT_SIGNAL_AFTER_STEPS")  # test hook: self-SIGINT
     stop = StopRequest().install()
+
+    def should_stop() -> bool:  # after every optimizer step
+        hooks.after_step(scheduler.last_epoch)
+        return stop()
+
     run_start = time.perf_counter()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -208,10 +228,6 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
                 state, partial = partial, None
                 if rng_at_stop:
                     restore_rng_state(rng_at_stop)
-            should_stop = stop
-            if stop_after_steps:
-                limit = int(stop_after_steps)
-                should_stop = lambda: stop() or _self_signal(stop, scheduler, limit)  # noqa: E731
             progress = cfg.progress and info.is_main
             try:
                 state, interrupted = train_one_epoch(
@@ -232,8 +248,8 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
                     with stop.writing():
                         save_checkpoint(ckpt_dir, payload, is_best=False)
                 barrier(info)
-                _say(info, f"saved {ckpt_dir / LAST} at epoch {epoch + 1}, step {state.steps}; "
-                     "continue with the same command plus --resume auto")
+                log.info(f"saved {ckpt_dir / LAST} at epoch {epoch + 1}, step {state.steps}; "
+                         "continue with the same command plus --resume auto")
                 raise TrainingInterrupted(128 + (stop.signum or signal.SIGINT))
             train_sums = all_reduce_sums([state.loss_sum, state.correct, state.images], info, device)
             train_metrics = epoch_metrics(*train_sums, state.time_s)
@@ -253,12 +269,11 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
                 if tensorboard:
                     tensorboard.log(row)
             barrier(info)
-            _say(info, f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                 f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} "
-                 f"top-1 {row['val_acc']:.2f}% top-5 {row['val_top5']:.2f}% | lr {row['lr']:.2e} | "
-                 f"{row['epoch_time_s']:.1f}s, {row['train_images_per_s']:.0f} img/s")
-            if kill_after is not None and epoch + 1 == int(kill_after) and info.is_main:
-                os.kill(os.getpid(), signal.SIGKILL)
+            log.info(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                     f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} "
+                     f"top-1 {row['val_acc']:.2f}% top-5 {row['val_top5']:.2f}% | lr {row['lr']:.2e} | "
+                     f"{row['epoch_time_s']:.1f}s, {row['train_images_per_s']:.0f} img/s")
+            hooks.after_epoch(epoch + 1)
     finally:
         stop.restore()
         if tensorboard:
@@ -280,8 +295,8 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
                                        f"{model_cfg.patch_size} on {source.kind}")
     barrier(info)
     total = time.perf_counter() - run_start
-    _say(info, f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
-         f"model {written} {model_path}")
+    log.info(f"done: final val top-1 {final_metrics['val_acc']:.2f}%, best {best_acc:.2f}%; "
+             f"model {written} {model_path}")
     return TrainResult(out, model_path, history, best_acc, total)
 
 
@@ -319,7 +334,7 @@ def _try_compile(model: nn.Module, model_cfg: ModelConfig, device: torch.device)
         return compiled
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        print(f"warning: --compile failed ({first}); training without torch.compile", flush=True)
+        log.warning(f"warning: --compile failed ({first}); training without torch.compile")
         model.zero_grad(set_to_none=True)
         return model
 
@@ -330,18 +345,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, exit_code: int):
         super().__init__(f"training interrupted (exit code {exit_code})")
         self.exit_code = exit_code
-
-
-def _self_signal(stop: StopRequest, scheduler: Any, limit: int) -> bool:
-    """Test hook: send ourselves SIGINT once ``limit`` optimizer steps have run."""
-    if scheduler.last_epoch >= limit and stop.signum is None:
-        os.kill(os.getpid(), signal.SIGINT)
-    return stop()
-
-
-def _say(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(message, flush=True)
 
 
 def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre: Preprocessing,
@@ -362,4 +365,4 @@ def _run_info(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, pre:
     }
 
 
-__all__ = ["fit", "TrainResult", "TrainingInterrupted", "model_config_for_data", "MODEL_FILE"]
+__all__ = ["fit", "TrainHooks", "TrainResult", "TrainingInterrupted", "model_config_for_data", "MODEL_FILE"]

@@ -13,12 +13,15 @@ so the watchdog never leaves a half-rotated checkpoint. A second signal aborts a
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 from typing import Any, Iterator, Optional
+
+log = logging.getLogger(__name__)
 
 GRACE_S = 10.0  # seconds a stop request may take before the process exits without saving
 
@@ -65,9 +68,9 @@ class StopRequest:
         if self.signum is not None:  # a second signal: give up at once
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving "
-              f"a resumable checkpoint (send again to abort without saving; after "
-              f"{self.grace_s:g} s it exits without saving)", flush=True)
+        log.info(f"\n{signal.Signals(signum).name} received: finishing this step, then saving "
+                 f"a resumable checkpoint (send again to abort without saving; after "
+                 f"{self.grace_s:g} s it exits without saving)")
         self._watchdog = threading.Timer(self.grace_s, self._expire)
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -75,6 +78,8 @@ class StopRequest:
     def _expire(self) -> None:
         self._write_lock.acquire()  # let a checkpoint write finish; never release: we exit
         assert self.signum is not None
+        # Straight to stderr, not through logging: the blocked main thread may hold a
+        # logging lock (a write to a full pipe), and this line must come out anyway.
         print(f"run.py: {signal.Signals(self.signum).name} received {self.grace_s:g} s ago and "
               "training has not reached a safe point (a step or a data read is blocked); "
               "exiting without saving, the last checkpoint on disk is intact",

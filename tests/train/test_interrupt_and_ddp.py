@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY_MODEL_ARGS, make_image_folder, run_cli, run_torchrun
+from tests.helpers import HOOKED_RUN, ROOT, TINY_MODEL_ARGS, make_image_folder, run_cli, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_sigint_mid_epoch_then_resume_is_exact(folder, tmp_path):
     reference = run_cli("run.py", "--data-path", str(folder), "--output-dir", str(tmp_path / "ref"), *ARGS)
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "stopped"
-    stopped = run_cli("run.py", "--data-path", str(folder), "--output-dir", str(out), *ARGS,
+    stopped = run_cli(HOOKED_RUN, "--data-path", str(folder), "--output-dir", str(out), *ARGS,
                       env={"BVVIT_SIGNAL_AFTER_STEPS": "4"})  # 3 steps per epoch: stop in epoch 2
     assert stopped.returncode == 130, stopped.stderr
     assert "SIGINT received" in stopped.stdout and "--resume auto" in stopped.stdout

@@ -4,7 +4,7 @@ workers gives the same weights, and a run interrupted mid-epoch with workers res
 import pytest
 import torch
 
-from tests.helpers import TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import HOOKED_RUN, TINY_MODEL_ARGS, make_image_folder, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +18,8 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
-def _train(folder, out, *extra, env=None):
-    return run_cli("run.py", "--data-path", str(folder), "--output-dir", str(out), *ARGS, *extra,
-                   env=env)
+def _train(folder, out, *extra, env=None, script="run.py"):
+    return run_cli(script, "--data-path", str(folder), "--output-dir", str(out), *ARGS, *extra, env=env)
 
 
 def _assert_same_weights(expected_dir, actual_dir):
@@ -37,7 +36,7 @@ def test_two_workers_interrupted_mid_epoch_resume_exactly(folder, tmp_path):
     _assert_same_weights(tmp_path / "w0", tmp_path / "w2")  # worker count changes nothing
 
     out = tmp_path / "stopped"
-    stopped = _train(folder, out, "--workers", "2", env={"BVVIT_SIGNAL_AFTER_STEPS": "4"})
+    stopped = _train(folder, out, "--workers", "2", env={"BVVIT_SIGNAL_AFTER_STEPS": "4"}, script=HOOKED_RUN)
     assert stopped.returncode == 130, stopped.stderr  # 3 steps per epoch: stop in epoch 2
     checkpoint = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["epoch_progress"]["steps"] == 1

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.conftest import HAS_FMNIST
-from tests.helpers import assert_one_line_error, TINY_MODEL_ARGS, make_image_folder, run_cli
+from tests.helpers import HOOKED_RUN, TINY_MODEL_ARGS, assert_one_line_error, make_image_folder, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def _train(data, out, *extra, env=None):
-    return run_cli("run.py", "--data-path", str(data), "--output-dir", str(out), "--epochs", "2",
+def _train(data, out, *extra, env=None, script="run.py"):
+    return run_cli(script, "--data-path", str(data), "--output-dir", str(out), "--epochs", "2",
                    "--batch-size", "8", *TINY_MODEL_ARGS, "--no-progress", "--seed", "3", *extra,
                    env=env)
 
@@ -59,7 +59,7 @@ def test_model_file_is_weights_only_and_complete(trained):
 
 def test_resume_after_kill_is_exact(folder, trained, tmp_path):
     out = tmp_path / "killed"
-    killed = _train(folder, out, env={"BVVIT_KILL_AFTER_EPOCH": "1"})
+    killed = _train(folder, out, env={"BVVIT_KILL_AFTER_EPOCH": "1"}, script=HOOKED_RUN)
     assert killed.returncode != 0  # SIGKILL after the first epoch's checkpoint
     assert torch.load(out / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
     assert not (out / "vit_model.pth").exists()

@@ -16,6 +16,7 @@ from bvvit.errors import BVViTError, ConfigError
 from bvvit.train import runner, settings
 from bvvit.train.settings import canonical_data_path
 from tests.helpers import TINY_MODEL_ARGS, assert_one_line_error, make_image_folder, run_cli
+from tests.train.hooked_run import signal_after_steps
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +24,25 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
-def _fit(folder, out, data_path=None, **overrides):
+def _fit(folder, out, data_path=None, hooks=None, **overrides):
     source = resolve_data(str(data_path or folder))
     model_cfg = runner.model_config_for_data(source, 16, None, patch_size=4, embed_dim=16, depth=1,
                                              num_heads=2)
     cfg = TrainConfig(**{"data_path": str(data_path or folder), "output_dir": str(out), "epochs": 2,
                          "batch_size": 8, "progress": False, "seed": 2, **overrides})
-    return runner.fit(model_cfg, cfg, source)
+    return runner.fit(model_cfg, cfg, source, hooks=hooks)
 
 
 def _interrupted_run(folder, out, monkeypatch):
-    """A run stopped by SIGINT in epoch 2 (test hook), resumable with --resume auto."""
-    monkeypatch.setenv("BVVIT_SIGNAL_AFTER_STEPS", "4")
+    """A run stopped by SIGINT in epoch 2 (a test hook), resumable with --resume auto."""
     with pytest.raises(runner.TrainingInterrupted):
-        _fit(folder, out)
-    monkeypatch.delenv("BVVIT_SIGNAL_AFTER_STEPS")
+        _fit(folder, out, hooks=runner.TrainHooks(after_step=signal_after_steps(4)))
 
 
 def test_workers_are_capped_at_usable_cpus(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(settings.os, "sched_getaffinity", lambda pid: {0})
     _fit(folder, tmp_path / "out", workers=3, epochs=1)
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "--workers" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--workers" in line]
     assert warnings == ["warning: --workers 3 is more than the 1 CPUs this process may use; using 1"]
     recorded = json.loads((tmp_path / "out" / "config.json").read_text())
     assert recorded["train"]["workers"] == 1
@@ -126,3 +125,17 @@ def test_folder_in_place_of_the_model_file_is_one_line(folder, tmp_path):
     assert_one_line_error(result, "vit_model.pth", "--resume auto")
     assert torch.load(out / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
     assert (out / "vit_model.pth" / "keep").read_text() == "x"
+
+
+def test_the_training_loop_calls_its_hooks_and_reads_no_environment(folder, tmp_path):
+    """Faults are injected through TrainHooks (tests/train/hooked_run.py), never through
+    environment variables read inside the loop."""
+    import ast
+    from pathlib import Path
+
+    steps, epochs = [], []
+    _fit(folder, tmp_path / "out", hooks=runner.TrainHooks(after_step=steps.append, after_epoch=epochs.append))
+    assert steps == [1, 2, 3, 4, 5, 6] and epochs == [1, 2]  # 24 images, batch 8, 2 epochs
+    for path in Path(runner.__file__).parent.glob("*.py"):
+        names = {getattr(node, "attr", getattr(node, "id", None)) for node in ast.walk(ast.parse(path.read_text()))}
+        assert not names & {"environ", "getenv"}, path
