@@ -3,6 +3,7 @@ our integer codes and scales, runs on integer kernels and matches our fake-quant
 W4 weight-only uses MatMulNBits, and bad files fail with one line."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 from torch.utils.data import DataLoader, TensorDataset
 
-from bvvit.config import LayerOverride, Preprocessing, TensorQuantSpec
+from bvvit.config import Preprocessing
 from bvvit.errors import CheckpointError, ConfigError
+from bvvit.quant.config import LayerOverride, TensorQuantSpec
 from bvvit.quant.export import (export_float_onnx, export_qdq_onnx, export_twin,
                                 export_w4_weight_only_onnx, matmul_nbits_tensors)
 from bvvit.quant.modules import OFF, ActQuantizer, QuantLinear, weight_modules
@@ -166,6 +168,23 @@ def test_fused_attention_is_one_qattention_node_per_block(qmodel, images, tmp_pa
     logits = torch.from_numpy(run_session(session, images))
     assert sqnr_db(float_attention, logits) > 30  # ORT's kernel computes that model
     assert (logits.argmax(1) == float_attention.argmax(1)).float().mean() >= 0.95
+
+
+def test_the_exporter_drops_what_is_benign_and_says_everything_else(model, qmodel, tmp_path, capfd, monkeypatch):
+    """torch's C++ exporter warns that it has no shape inference for QAttention (one line per
+    block, on the process's stderr); that is known benign and dropped. Any other line the
+    exporter writes still reaches stderr."""
+    export_qdq_onnx(qmodel, tmp_path / "fused.onnx", PRE, CLASSES, attention="fused")
+    assert "QAttention type is missing" not in capfd.readouterr().err
+    real_export = torch.onnx.export
+
+    def noisy_export(*args, **kwargs):
+        os.write(2, b"Warning: something a user should see\n")
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", noisy_export)
+    export_float_onnx(model, tmp_path / "fp32.onnx", PRE, CLASSES)
+    assert "Warning: something a user should see" in capfd.readouterr().err
 
 
 def test_fused_attention_refuses_blocks_it_cannot_run(model, calib, tmp_path):
