@@ -136,6 +136,9 @@ def build_parser() -> OneLineParser:
                           "already does at <= 4 bits")
     rec.add_argument("--no-reconstruct", action="store_true",
                      help="never reconstruct (faster calibration, less accurate at <= 4 bits)")
+    g.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream by a randomized Hadamard matrix folded into the "
+                        "weights (exact in float, no extra op) before GPTQ/reconstruction")
     g.add_argument("--no-patch-embed", action="store_true", help="keep the patch embedding float")
     g.add_argument("--no-head", action="store_true", help="keep the classifier head float")
     return p
@@ -172,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         switches["softmax_method"] = "log2"
     if args.reconstruct or args.no_reconstruct:
         switches["reconstruct"] = {"enabled": bool(args.reconstruct)}  # the recipe's other settings stay
+    if args.rotate:
+        switches["rotation"] = {"enabled": True}
     job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
                  bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
                  calib_size=args.calib_size, batch_size=args.batch_size,

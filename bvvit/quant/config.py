@@ -9,6 +9,7 @@ LayerOverride          a per-layer exception (``blocks.0.*=8``, ``head=float``)
 ReparamOptions         post-LayerNorm reparameterization (:mod:`bvvit.quant.reparam`)
 GPTQOptions            GPTQ weight rounding (:mod:`bvvit.quant.gptq`)
 ReconstructOptions     block-wise reconstruction (:mod:`bvvit.quant.reconstruct`)
+RotationOptions        orthogonal rotation of the residual stream (:mod:`bvvit.quant.rotation`)
 QuantConfig            the specs of weights, activations and attention probabilities, which op
                        types are quantized, the overrides, the three techniques, calibration
 =====================  =====================================================================
@@ -181,7 +182,23 @@ class ReconstructOptions:
         object.__setattr__(self, "beta", tuple(self.beta))  # JSON gives a list
 
 
-_OPTIONS = {"reparam": ReparamOptions, "gptq": GPTQOptions, "reconstruct": ReconstructOptions}
+@dataclass(frozen=True)
+class RotationOptions:
+    """A seeded, ones-preserving randomized Hadamard rotation of the residual stream, folded
+    into the weights before anything else (:mod:`bvvit.quant.rotation`): exact in float, no
+    extra op in the model."""
+
+    enabled: bool = False
+    seed: int = 0  # the random signs of the Hadamard matrix
+
+    def __post_init__(self) -> None:
+        _require_bool("rotation enabled", self.enabled)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"rotation seed must be a non-negative integer, got {self.seed!r}")
+
+
+_OPTIONS = {"reparam": ReparamOptions, "gptq": GPTQOptions, "reconstruct": ReconstructOptions,
+            "rotation": RotationOptions}
 
 
 @dataclass
@@ -201,7 +218,8 @@ class QuantConfig(DictConfig):
     patch_embed: bool = True
     head: bool = True
     overrides: list[LayerOverride] = field(default_factory=list)
-    # ViT-aware techniques, handed as they are to reparam.py, gptq.py and reconstruct.py
+    # ViT-aware techniques, handed as they are to rotation.py, reparam.py, gptq.py and reconstruct.py
+    rotation: RotationOptions = field(default_factory=RotationOptions)
     reparam: ReparamOptions = field(default_factory=ReparamOptions)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     reconstruct: ReconstructOptions = field(default_factory=ReconstructOptions)
@@ -273,5 +291,5 @@ def _nested_layout(data: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["QuantConfig", "TensorQuantSpec", "LayerOverride", "ReparamOptions", "GPTQOptions",
-           "ReconstructOptions", "check_bits", "MIN_BITS", "MAX_BITS", "DEFAULT_BITS", "DEFAULT_CALIB_SIZE",
+           "ReconstructOptions", "RotationOptions", "check_bits", "MIN_BITS", "MAX_BITS", "DEFAULT_BITS", "DEFAULT_CALIB_SIZE",
            "GRANULARITIES", "OBSERVER_NAMES", "QUANTIZER_METHODS"]

@@ -32,6 +32,7 @@ from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, Q
                                  QuantMatMul, QuantSoftmax, act_quantizers)
 from bvvit.quant.reconstruct import reconstruct_model
 from bvvit.quant.reparam import reparameterize_layernorms
+from bvvit.quant.rotation import rotate_model
 
 
 @dataclass
@@ -186,16 +187,20 @@ def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Opti
     """Everything before calibration: (float model as the quantized one sees it, uncalibrated
     quantized model, warnings, technique statistics).
 
-    The float model is ``model`` itself, or a reparameterized copy (LayerNorm folding is
+    The float model is ``model`` itself, or a rotated and/or reparameterized copy (both are
     exact in float, so it computes the same function); GPTQ codes replace rounding when
-    the config asks. ``model`` is never modified.
+    the config asks. ``model`` is never modified. The rotation comes first: it folds the
+    LayerNorm affines away, so a reparameterization before it would be undone.
     """
     if (cfg.reparam.enabled or cfg.gptq.enabled or cfg.reconstruct.enabled) and calibration_loader is None:
         raise ConfigError("LayerNorm reparameterization, GPTQ and reconstruction need calibration data")
     work = model
     extras: dict[str, Any] = {}
-    if cfg.reparam.enabled:
+    if cfg.rotation.enabled or cfg.reparam.enabled:
         work = copy.deepcopy(model).eval()
+    if cfg.rotation.enabled:
+        extras["rotation"] = rotate_model(work, cfg.rotation.seed)
+    if cfg.reparam.enabled:
         extras["reparam"] = reparameterize_layernorms(work, calibration_loader, cfg.reparam.alpha, device)
     qmodel, warnings = convert(work, cfg)
     if cfg.gptq.enabled:

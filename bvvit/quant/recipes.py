@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from bvvit.errors import ConfigError
-from bvvit.quant.config import (GPTQOptions, QuantConfig, ReconstructOptions, ReparamOptions, TensorQuantSpec,
-                                check_bits)
+from bvvit.quant.config import (GPTQOptions, QuantConfig, ReconstructOptions, ReparamOptions, RotationOptions,
+                                TensorQuantSpec, check_bits)
 
 
 def _minmax(w_bits: int, a_bits: int) -> dict[str, Any]:
@@ -83,7 +83,8 @@ RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {
 DEFAULT_RECIPE = "vit"
 
 
-_OPTIONS = {"reparam": ReparamOptions, "gptq": GPTQOptions, "reconstruct": ReconstructOptions}
+_OPTIONS = {"reparam": ReparamOptions, "gptq": GPTQOptions, "reconstruct": ReconstructOptions,
+            "rotation": RotationOptions}
 
 
 def make_quant_config(recipe: str = DEFAULT_RECIPE, w_bits: int = 8, a_bits: int = 8,
