@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from bvvit.errors import ConfigError
 
@@ -40,6 +40,10 @@ MAX_IMG_SIZE = 4096  # pixels per side: each image is decoded and resized at thi
 MAX_TOKENS = 4096  # patches per image: attention holds tokens² scores per head and image
 MAX_SEED = 2 ** 63 - 1  # torch.manual_seed takes 64-bit seeds
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
+CROP_MODES = ("center", "squash")  # timm's names: resize the shorter side to S/crop_pct, or both sides
+OVERRIDABLE_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+GLOBAL_POOLS = ("token", "avg")
 
 
 def flag_name(name: str) -> str:
@@ -103,6 +107,14 @@ class ModelConfig(DictConfig):
     proj_drop_rate: float = 0.0  # dropout after attention projection and MLP layers
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth
     fused_attn: bool = True  # F.scaled_dot_product_attention; False = explicit modules
+    # Architecture variants of imported checkpoints (the defaults are timm's plain ViT):
+    norm_eps: float = 1e-6  # LayerNorm epsilon (Hugging Face ViT: 1e-12)
+    activation: str = "gelu"  # MLP activation: gelu (erf) | gelu_tanh
+    class_token: bool = True
+    dist_token: bool = False  # DeiT's distillation token (a second prefix token)
+    head_dist: bool = False  # DeiT's distillation head; logits = mean of both heads
+    global_pool: str = "token"  # token (class token) | avg (mean of the patch tokens)
+    fc_norm: bool = False  # final LayerNorm after pooling (timm's avg-pool default)
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
@@ -137,6 +149,27 @@ class ModelConfig(DictConfig):
             raise ConfigError(
                 f"--embed-dim {self.embed_dim} is not divisible by --num-heads "
                 f"{self.num_heads}; each head needs an equal share of the embedding")
+        self._check_variant()
+
+    def _check_variant(self) -> None:
+        """ConfigError for an architecture variant the model cannot build."""
+        _require_positive("norm_eps", self.norm_eps)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model activation {self.activation!r} is not supported; use one of "
+                              f"{', '.join(ACTIVATIONS)}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ConfigError(f"model global_pool {self.global_pool!r} is not supported; use one of "
+                              f"{', '.join(GLOBAL_POOLS)}")
+        for name in ("qkv_bias", "class_token", "dist_token", "head_dist", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model {name} must be true or false, got {getattr(self, name)!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ConfigError("model global_pool 'token' needs the class token (class_token true)")
+        if self.dist_token and not self.class_token:
+            raise ConfigError("model dist_token needs the class token before it (class_token true)")
+        if self.head_dist and not (self.dist_token and self.global_pool == "token"):
+            raise ConfigError("model head_dist reads the distillation token: it needs dist_token "
+                              "true and global_pool 'token'")
 
     @property
     def mlp_hidden_dim(self) -> int:
@@ -147,10 +180,12 @@ class ModelConfig(DictConfig):
         """Parameter count of the model this config builds (patch embedding, tokens,
         blocks, final norm, head), without building it."""
         dim, hidden = self.embed_dim, self.mlp_hidden_dim
-        embed = dim * (self.in_chans * self.patch_size ** 2 + 1) + dim * (self.num_patches + 2)
+        prefix = int(self.class_token) + int(self.dist_token)
+        embed = dim * (self.in_chans * self.patch_size ** 2 + 1) + dim * (self.num_patches + 2 * prefix)
         block = (4 * dim + 3 * dim * dim + (3 * dim if self.qkv_bias else 0) + dim * dim + dim
                  + 2 * dim * hidden + hidden + dim)
-        return embed + self.depth * block + 2 * dim + (dim + 1) * self.num_classes
+        heads = 2 if self.head_dist else 1
+        return embed + self.depth * block + 2 * dim + heads * (dim + 1) * self.num_classes
 
     @property
     def grid_size(self) -> int:
@@ -234,6 +269,7 @@ class Preprocessing:
     in_chans: int = 1
     interpolation: str = "bilinear"
     crop_pct: float = 1.0  # eval: resize to img_size / crop_pct, then centre-crop img_size
+    crop_mode: str = "center"  # center: resize the shorter side; squash: both sides (no aspect)
 
     def __post_init__(self) -> None:
         """ConfigError ("preprocessing FIELD ...") for a field no transform can use."""
@@ -259,11 +295,36 @@ class Preprocessing:
         if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
                 or not 0 < self.crop_pct <= 1:
             raise ConfigError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ConfigError(f"preprocessing crop_mode {self.crop_mode!r} is not supported; use "
+                              f"one of {', '.join(CROP_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
         return data
+
+    def overridden(self, items: Sequence[str]) -> "Preprocessing":
+        """A copy with ``--preprocessing KEY=VALUE`` items applied (mean/std: comma lists;
+        interpolation, crop_pct, crop_mode). ConfigError (one line) for a bad item."""
+        changes: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in OVERRIDABLE_PREPROCESSING:
+                raise ConfigError(f"--preprocessing {item!r}: expected KEY=VALUE with KEY one of "
+                                  f"{', '.join(OVERRIDABLE_PREPROCESSING)}")
+            try:
+                if key in ("mean", "std"):
+                    changes[key] = tuple(float(v) for v in value.split(","))
+                elif key == "crop_pct":
+                    changes[key] = float(value)
+                else:
+                    changes[key] = value.strip()
+            except ValueError:
+                raise ConfigError(f"--preprocessing {item!r}: {value!r} is not a number "
+                                  "(mean/std take comma-separated numbers)") from None
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
@@ -276,4 +337,5 @@ class Preprocessing:
 
 
 __all__ = ["ModelConfig", "TrainConfig", "Preprocessing", "DictConfig", "dataclass_from_dict", "flag_name", "MAX_IMG_SIZE",
-           "MAX_TOKENS", "MAX_SEED", "INTERPOLATIONS"]
+           "MAX_TOKENS", "MAX_SEED", "INTERPOLATIONS", "CROP_MODES", "ACTIVATIONS", "GLOBAL_POOLS",
+           "OVERRIDABLE_PREPROCESSING"]

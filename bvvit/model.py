@@ -106,13 +106,20 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+HEAD_NAMES = ("head", "head_dist")  # the classifier Linears a model may have
+
+# MLP activations by ModelConfig.activation: erf GELU (timm, torchvision, HF "gelu") and its
+# tanh approximation (HF "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast").
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
 class MLP(nn.Module):
     """Linear -> GELU -> Linear, the transformer's feed-forward block."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[activation]()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
@@ -142,14 +149,14 @@ class TransformerEncoderBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 fused_attn: bool = True):
+                 fused_attn: bool = True, norm_eps: float = 1e-6, activation: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn)
         self.drop_path1 = DropPath(drop_path)
         self.residual1 = Add()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), proj_drop, activation)
         self.drop_path2 = DropPath(drop_path)
         self.residual2 = Add()
 
@@ -159,32 +166,60 @@ class TransformerEncoderBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier; ``forward(x) = forward_head(forward_features(x))``."""
+    """ViT classifier; ``forward(x) = forward_head(forward_features(x))``.
 
-    num_prefix_tokens = 1  # the class token
+    Prefix tokens (``num_prefix_tokens``): the class token (``cls_token``) and, for DeiT's
+    distilled models, the distillation token (``dist_token``), in that order; positional
+    embeddings cover them and the patches. The head reads, by ``config.global_pool``:
+    ``"token"`` the class token (the default), ``"avg"`` the mean of the patch tokens. With
+    ``config.fc_norm`` the final LayerNorm is applied after pooling (``fc_norm``, timm's
+    default for ``"avg"``) instead of before (``norm``); the other one is an Identity. A
+    distilled model (``config.head_dist``) has a second head on the distillation token and
+    returns the mean of both heads' logits, as timm's ``VisionTransformerDistilled`` and
+    Hugging Face's ``DeiTForImageClassificationWithTeacher`` do at inference.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         c = config
+        self.num_prefix_tokens = int(c.class_token) + int(c.dist_token)
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, c.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.dist_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(
+            1, self.patch_embed.num_patches + self.num_prefix_tokens, c.embed_dim))
         self.pos_drop = nn.Dropout(c.drop_rate)
         drop_path_rates = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.Sequential(*[
             TransformerEncoderBlock(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias,
-                                    c.proj_drop_rate, c.attn_drop_rate, rate, c.fused_attn)
+                                    c.proj_drop_rate, c.attn_drop_rate, rate, c.fused_attn,
+                                    c.norm_eps, c.activation)
             for rate in drop_path_rates])
-        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        final_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
+        self.norm = nn.Identity() if c.fc_norm else final_norm
+        self.fc_norm = final_norm if c.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
+        self.head_dist = nn.Linear(c.embed_dim, c.num_classes) if c.head_dist else None
         self.reset_parameters()
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The classifier Linears: ``("head",)``, or ``("head", "head_dist")`` when distilled."""
+        return ("head", "head_dist") if self.head_dist is not None else ("head",)
+
+    @property
+    def final_norm_name(self) -> str:
+        """The LayerNorm whose output the head(s) read: ``"fc_norm"`` or ``"norm"``."""
+        return "fc_norm" if self.config.fc_norm else "norm"
 
     def reset_parameters(self) -> None:
         """timm-style init: truncated normal (std .02) for Linear and embeddings."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.dist_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -205,24 +240,41 @@ class VisionTransformer(nn.Module):
         self.config.fused_attn = enabled
         return self
 
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D) -> prefix tokens + patches with positions (B, P+N, D)."""
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token)
+                  if t is not None]  # each (B, 1, D)
+        x = torch.cat(prefix + [x], dim=1) + self.pos_embed  # (B, P+N, D)
+        return self.pos_drop(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
-        x = self.pos_drop(x)
+        x = self.embed_tokens(self.patch_embed(x))  # (B, P+N, D)
         x = self.blocks(x)
-        return self.norm(x)  # (B, N+1, D)
+        return self.norm(x)  # (B, P+N, D)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P+N, D) -> what the head reads: (B, D), or (B, 2, D) class and distillation
+        tokens for a distilled head."""
+        if self.head_dist is not None:
+            return x[:, :2]  # (B, 2, D)
+        if self.config.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        return x[:, 0]  # class token (B, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, 0])  # class token (B, D)
-        return x if pre_logits else self.head(x)  # (B, num_classes)
+        x = self.head_drop(self.fc_norm(self.pool(x)))  # (B, D) or (B, 2, D)
+        if self.head_dist is None:
+            return x if pre_logits else self.head(x)  # (B, num_classes)
+        if pre_logits:
+            return x.mean(dim=1)  # (B, D), as timm
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2  # (B, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
 
 
 def build_model(config: ModelConfig) -> VisionTransformer:
@@ -251,8 +303,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: 
     return torch.cat([prefix, grid], dim=1)
 
 
-# Keys timm models may carry that are empty here (identity modules) or need renaming.
-_TIMM_RENAMES = {"fc_norm.weight": "norm.weight", "fc_norm.bias": "norm.bias"}
+# A timm fc_norm loaded into a model without one (token pooling: a per-token LayerNorm
+# after the blocks commutes with taking the class token, so it is the final norm).
+_FC_NORM_AS_NORM = {"fc_norm.weight": "norm.weight", "fc_norm.bias": "norm.bias"}
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor],
@@ -270,7 +323,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor],
     for key, value in state_dict.items():
         if key.startswith("module."):
             key = key[len("module."):]
-        key = _TIMM_RENAMES.get(key, key)
+        if not model.config.fc_norm and model.config.global_pool == "token":
+            key = _FC_NORM_AS_NORM.get(key, key)
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             value = resize_pos_embed(value, model.patch_embed.grid_size, model.num_prefix_tokens)
         if key == "patch_embed.proj.weight" and value.shape[1] != model.config.in_chans:

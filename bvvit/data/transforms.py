@@ -88,7 +88,10 @@ class ImageTransform:
         height, width = image.shape[-2:]
         if height == width == self.size and self.resize_to == self.size:
             return image  # Fashion-MNIST at 28: nothing to do
-        if min(height, width) != self.resize_to:
+        if self.pre.crop_mode == "squash" and (height, width) != (self.resize_to, self.resize_to):
+            image = F.resize(image, [self.resize_to, self.resize_to],
+                             interpolation=self.interpolation, antialias=True)
+        elif min(height, width) != self.resize_to:
             image = F.resize(image, [self.resize_to], interpolation=self.interpolation,
                              antialias=True)
         if image.shape[-2:] != (self.size, self.size):

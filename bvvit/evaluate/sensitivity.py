@@ -85,7 +85,7 @@ def _block_index(layer: str, depth: int) -> Optional[int]:
     if layer.startswith("blocks."):
         index = layer.split(".")[1]
         return int(index) if index.isdigit() else None
-    if layer == "head" or layer.startswith("norm"):
+    if layer in ("head", "head_dist", "fc_norm") or layer.startswith("norm"):
         return depth
     return None
 

@@ -82,25 +82,25 @@ def float_twin(fp_model: nn.Module, qmodel: nn.Module, reference: Optional[nn.Mo
     reference = reference if reference is not None else float_reference(fp_model)
     if not hasattr(reference, "blocks"):
         return reference, set()
-    changed: list[tuple[str, str]] = []
-    for norm_name, linear_name in norm_linear_pairs(reference):
+    changed: list[tuple[str, tuple[str, ...]]] = []
+    for norm_name, linear_names in norm_linear_pairs(reference):
         fp_norm, q_norm = reference.get_submodule(norm_name), find_submodule(qmodel, norm_name)
         if not isinstance(q_norm, nn.LayerNorm) or q_norm.weight is None:
             continue
         if not (torch.equal(fp_norm.weight, q_norm.weight.to(fp_norm.weight.device)) and
                 torch.equal(fp_norm.bias, q_norm.bias.to(fp_norm.bias.device))):
-            changed.append((norm_name, linear_name))
+            changed.append((norm_name, linear_names))
     if not changed:
         return reference, set()
     twin = copy.deepcopy(reference)
     with torch.no_grad():
-        for norm_name, linear_name in changed:
+        for norm_name, linear_names in changed:
             norm, q_norm = twin.get_submodule(norm_name), qmodel.get_submodule(norm_name)
             gamma = q_norm.weight.detach().to(norm.weight)
             r = torch.where(gamma != 0, norm.weight / gamma, torch.ones_like(gamma))
             d = norm.bias - r * q_norm.bias.detach().to(norm.bias)
-            fold_channel_affine(norm, twin.get_submodule(linear_name), r, d)
-    return twin, {linear for _, linear in changed}
+            fold_channel_affine(norm, [twin.get_submodule(name) for name in linear_names], r, d)
+    return twin, {linear for _, linears in changed for linear in linears}
 
 
 def float_twins(fp_model: nn.Module, variants: Mapping[str, nn.Module], reference: nn.Module

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bvvit.errors import ConfigError
-from bvvit.model import Add, MatMul, Softmax, VisionTransformer
+from bvvit.model import HEAD_NAMES, Add, MatMul, Softmax, VisionTransformer
 from bvvit.quant.config import GPTQOptions, LayerOverride, QuantConfig, TensorQuantSpec
 from bvvit.quant.gptq import gptq_codes, input_hessians
 from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, QuantLinear,
@@ -78,7 +78,7 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
             continue
         bits = _layer_bits(name, cfg.overrides, used)
         if isinstance(module, nn.Linear):
-            is_head = name == "head"
+            is_head = name in HEAD_NAMES
             enabled = cfg.head if is_head else cfg.linear
             if not enabled or bits == "float":
                 continue
@@ -173,7 +173,7 @@ def _missing(cfg: QuantConfig, float_model: nn.Module, qmodel: nn.Module) -> lis
     overridden = {n for n in float_linears if any(
         fnmatch.fnmatchcase(n, o.pattern) and o.keep_float for o in cfg.overrides)}
     for name in float_linears:
-        wanted = cfg.head if name == "head" else cfg.patch_embed if name.endswith("proj") and \
+        wanted = cfg.head if name in HEAD_NAMES else cfg.patch_embed if name.endswith("proj") and \
             name.startswith("patch_embed") else cfg.linear
         if wanted and name not in overridden:
             warnings.append(f"{name} ({type(qmodel.get_submodule(name)).__name__}) was asked to be "

@@ -57,27 +57,28 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exact
 
 
 class _Embed(nn.Module):
-    """Patch embedding + class token + positional embedding: images -> block 0 input."""
+    """Patch embedding + prefix tokens + positional embedding: images -> block 0 input."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.patch_embed = model.patch_embed
-        self.cls_token, self.pos_embed = model.cls_token, model.pos_embed
+        self.embed_tokens = model.embed_tokens  # a bound method: registers no module
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.embed_tokens(self.patch_embed(x))
 
 
 class _Head(nn.Module):
-    """Final LayerNorm + classifier on the class token: last block output -> logits."""
+    """Final LayerNorm, pooling and classifier(s): last block output -> logits."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.norm, self.head = model.norm, model.head
+        self.norm, self.fc_norm, self.head = model.norm, model.fc_norm, model.head
+        self.head_dist = model.head_dist
+        self.forward_head = model.forward_head  # a bound method using the modules above
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.norm(x)[:, 0])
+        return self.forward_head(self.norm(x))
 
 
 def model_units(model: nn.Module, which: str = "all") -> list[tuple[str, nn.Module]]:

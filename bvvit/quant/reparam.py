@@ -17,7 +17,7 @@ centres them, so every channel of y' has the same range and inference stays per-
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -26,28 +26,26 @@ from bvvit.model import VisionTransformer
 from bvvit.quant.hooks import run_with_hooks
 
 
-def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
-    """(LayerNorm, the Linear that consumes its output) for every block and the head."""
+def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, tuple[str, ...]]]:
+    """(LayerNorm, the Linears that consume its output) for every block and the head(s):
+    the final norm feeds ``head`` (and ``head_dist`` of a distilled model)."""
     pairs = []
     for i in range(len(model.blocks)):
-        pairs.append((f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"))
-        pairs.append((f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1"))
-    pairs.append(("norm", "head"))
+        pairs.append((f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",)))
+        pairs.append((f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",)))
+    pairs.append((model.final_norm_name, model.head_names))
     return pairs
 
 
 @torch.no_grad()
 def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
                    device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (min, max) of each named module's output over ``loader``.
-
-    For the final ``norm`` only the class token is used (it is all the head sees).
-    """
+    """Per-channel (min, max) of each named module's INPUT over ``loader``: what the Linear
+    after a LayerNorm sees (a head: only the tokens it reads, pooled)."""
     ranges: dict[str, list[torch.Tensor]] = {}
 
     def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
-        out = output[:, :1] if name == "norm" else output
-        flat = out.detach().float().reshape(-1, out.shape[-1])
+        flat = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
         lo, hi = flat.min(dim=0).values, flat.max(dim=0).values
         if name in ranges:
             ranges[name] = [torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)]
@@ -59,12 +57,15 @@ def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
 
 
 @torch.no_grad()
-def fold_channel_affine(norm: nn.LayerNorm, linear: nn.Linear, r: torch.Tensor, d: torch.Tensor) -> None:
-    """Apply ``y = r * y' + d`` between ``norm`` and ``linear`` in place (exact in float)."""
-    if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-    linear.bias.add_(linear.weight @ d)
-    linear.weight.mul_(r.unsqueeze(0))
+def fold_channel_affine(norm: nn.LayerNorm, linears: Sequence[nn.Linear], r: torch.Tensor,
+                        d: torch.Tensor) -> None:
+    """Apply ``y = r * y' + d`` between ``norm`` and every Linear reading its output, in
+    place (exact in float)."""
+    for linear in linears:
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+        linear.bias.add_(linear.weight @ d)
+        linear.weight.mul_(r.unsqueeze(0))
     norm.weight.div_(r)
     norm.bias.sub_(d).div_(r)
 
@@ -75,15 +76,17 @@ def reparameterize_layernorms(model: VisionTransformer, loader: Iterable, alpha:
     """Equalise post-LayerNorm channel ranges of ``model`` in place; returns statistics
     (max/median channel range before and after) per LayerNorm."""
     pairs = norm_linear_pairs(model)
-    ranges = channel_ranges(model, loader, [norm for norm, _ in pairs], device)
+    ranges = channel_ranges(model, loader, [name for _, linears in pairs for name in linears], device)
     stats = {}
-    for norm_name, linear_name in pairs:
-        lo, hi = ranges[norm_name]
+    for norm_name, linear_names in pairs:
+        lo = torch.stack([ranges[name][0] for name in linear_names]).amin(dim=0)
+        hi = torch.stack([ranges[name][1] for name in linear_names]).amax(dim=0)
         width = (hi - lo).clamp(min=1e-6)
         mid = (hi + lo) / 2
         r = (width / width.median()).pow(alpha).clamp(min=1e-3)
         d = mid - r * mid.median()
-        fold_channel_affine(model.get_submodule(norm_name), model.get_submodule(linear_name), r, d)
+        fold_channel_affine(model.get_submodule(norm_name),
+                            [model.get_submodule(name) for name in linear_names], r, d)
         after = width / r
         stats[norm_name] = {"max_over_median_before": float(width.max() / width.median()),
                             "max_over_median_after": float(after.max() / after.median())}
