@@ -96,24 +96,28 @@ def ones_preserving_rotation(d: int, seed: int = 0) -> tuple[Tensor, str]:
 
 
 def norm_reader_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
-    """(LayerNorm, the Linear that reads its output) for every block and the head."""
+    """(LayerNorm, a Linear that reads its output) for every block and the head(s): the
+    final norm (``norm``, or ``fc_norm`` after pooling) feeds ``head`` and a distilled
+    model's ``head_dist``."""
     pairs = []
     for i in range(len(model.blocks)):
         pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
-    return pairs + [("norm", "head")]
+    return pairs + [(model.final_norm_name, head) for head in model.head_names]
 
 
 @torch.no_grad()
-def fold_layernorm_affine(norm: nn.LayerNorm, linear: nn.Linear) -> None:
-    """``linear(gamma * n + beta) = (W diag(gamma)) n + (b + W beta)``; ``norm`` becomes (1, 0)."""
-    w = linear.weight.double()
-    bias = torch.zeros(linear.out_features, dtype=torch.float64) if linear.bias is None else linear.bias.double()
-    bias = bias + w @ norm.bias.double()
-    linear.weight.copy_(w * norm.weight.double().unsqueeze(0))
-    if linear.bias is None:
-        linear.bias = nn.Parameter(bias.to(linear.weight.dtype), requires_grad=linear.weight.requires_grad)
-    else:
-        linear.bias.copy_(bias)
+def fold_layernorm_affine(norm: nn.LayerNorm, *linears: nn.Linear) -> None:
+    """``linear(gamma * n + beta) = (W diag(gamma)) n + (b + W beta)`` for every Linear
+    reading ``norm``; ``norm`` becomes (1, 0)."""
+    for linear in linears:
+        w = linear.weight.double()
+        bias = torch.zeros(linear.out_features, dtype=torch.float64) if linear.bias is None else linear.bias.double()
+        bias = bias + w @ norm.bias.double()
+        linear.weight.copy_(w * norm.weight.double().unsqueeze(0))
+        if linear.bias is None:
+            linear.bias = nn.Parameter(bias.to(linear.weight.dtype), requires_grad=linear.weight.requires_grad)
+        else:
+            linear.bias.copy_(bias)
     norm.weight.fill_(1.0)
     norm.bias.zero_()
 
@@ -131,11 +135,14 @@ def _write_rotated(weight: Tensor, bias: Optional[Tensor], q: Tensor) -> None:
 def rotate_residual_stream(model: VisionTransformer, q: Tensor) -> None:
     """Rotate ``model``'s residual stream by ``q`` (orthogonal, ``q 1 = 1``) in place; the
     float model computes the same logits (up to float rounding)."""
-    for norm_name, linear_name in norm_reader_pairs(model):
-        fold_layernorm_affine(model.get_submodule(norm_name), model.get_submodule(linear_name))
+    pairs = norm_reader_pairs(model)
+    for norm_name in dict.fromkeys(norm for norm, _ in pairs):
+        fold_layernorm_affine(model.get_submodule(norm_name),
+                              *[model.get_submodule(linear) for norm, linear in pairs if norm == norm_name])
     _write_rotated(model.patch_embed.proj.weight, model.patch_embed.proj.bias, q)
-    for token in (model.cls_token, model.pos_embed):
-        token.copy_(token.double() @ q.T)
+    for token in (model.cls_token, model.dist_token, model.pos_embed):
+        if token is not None:  # a model without a class token (average pooling)
+            token.copy_(token.double() @ q.T)
     for block in model.blocks:
         _write_rotated(block.attn.proj.weight, block.attn.proj.bias, q)
         _write_rotated(block.mlp.fc2.weight, block.mlp.fc2.bias, q)

@@ -88,3 +88,13 @@ def test_packed_file_and_onnx_keep_the_variant(tmp_path, name, calib):
                                attention=attention)
         ort = torch.from_numpy(run_session(make_session(path, threads=1), x))
         assert sqnr_db(_logits(qmodel, [(x, None)]), ort) > 25
+
+
+@pytest.mark.parametrize("fields", VARIANTS.values(), ids=VARIANTS.keys())
+def test_residual_rotation_keeps_every_variant_exact(fields, calib):
+    """--rotate folds the final norm into every head it feeds and rotates every prefix token."""
+    from bvvit.quant.rotation import rotate_model
+    model = _model(fields)
+    rotated = copy.deepcopy(model)
+    rotate_model(rotated, seed=0)
+    torch.testing.assert_close(_logits(rotated, calib), _logits(model, calib), atol=1e-4, rtol=1e-4)
