@@ -20,7 +20,8 @@ import torch
 from bvvit.config import ModelConfig, Preprocessing
 from bvvit.errors import BVViTError, CheckpointError, ConfigError
 from bvvit.io import atomic_torch_save, load_torch_file
-from bvvit.model import VisionTransformer, load_pretrained
+from bvvit.formats import Converted, convert, read_checkpoint
+from bvvit.model import VisionTransformer
 
 FORMAT_VERSION = 1
 MODEL_KIND = "bvvit-model"
@@ -34,6 +35,8 @@ class LoadedModel:
     preprocessing: Preprocessing
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    source_format: str = "bvvit"  # bvvit | timm | hf | torchvision
+    notes: list[str] = field(default_factory=list)  # assumptions made loading it, one line each
 
 
 def model_payload(model: VisionTransformer, class_names: list[str], preprocessing: Preprocessing,
@@ -170,17 +173,43 @@ def _same_content(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def load_model_file(path: str | os.PathLike, num_heads: Optional[int] = None) -> LoadedModel:
-    """Load ``vit_model.pth`` (or a training checkpoint ``last.pth``/``best.pth``), or a bare
-    timm/DeiT ViT state dict (its config is inferred from the tensor shapes; the head count
-    is not in the shapes: ``num_heads`` or the timm convention of 64 dimensions per head)."""
-    payload = load_torch_file(path, what="model file")
-    if "format_version" not in payload and _looks_like_timm_vit(state_dict_of(payload)):
-        loaded = model_from_timm_state_dict(state_dict_of(payload), str(path), num_heads)
+def load_model_file(path: str | os.PathLike, num_heads: Optional[int] = None,
+                    model_format: str = "auto") -> LoadedModel:
+    """Load ``vit_model.pth`` (or a training checkpoint ``last.pth``/``best.pth``), or a
+    timm, Hugging Face or torchvision checkpoint (file or folder; :mod:`bvvit.formats`).
+    ``model_format`` forces the format; ``num_heads`` the head count of state-dict formats
+    (their weights do not store it)."""
+    checkpoint = read_checkpoint(path, model_format)
+    if checkpoint.format == "bvvit":
+        loaded = model_from_payload(checkpoint.payload, str(path))
     else:
-        loaded = model_from_payload(payload, str(path))
+        loaded = model_from_converted(convert(checkpoint, num_heads), str(path))
     _require_finite(loaded.model, str(path))
     return loaded
+
+
+def model_from_converted(converted: Converted, source: str) -> LoadedModel:
+    """Our float model from a converted foreign checkpoint; every tensor must fit."""
+    model = VisionTransformer(converted.config)
+    expected = model.state_dict()
+    state = converted.state_dict
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} {converted.format} tensor(s) BV-ViT's ViT "
+                              f"has no place for ({', '.join(unexpected[:3])}"
+                              f"{' ...' if len(unexpected) > 3 else ''}); not a plain ViT/DeiT classifier")
+    missing = [k for k in expected if k not in state]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or wrong:
+        key = (missing or wrong)[0]
+        found = "missing" if missing else f"{list(state[key].shape)}, expected {list(expected[key].shape)}"
+        raise CheckpointError(f"{source}: the {converted.format} checkpoint does not fit the ViT its "
+                              f"shapes describe ({key}: {found}); is it a ViT/DeiT classifier?")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(model, converted.config, converted.class_names, converted.preprocessing,
+                       {"kind": f"{converted.format}-checkpoint"}, {}, converted.format,
+                       list(converted.notes))
 
 
 def _require_finite(model: torch.nn.Module, source: str) -> None:
@@ -191,57 +220,6 @@ def _require_finite(model: torch.nn.Module, source: str) -> None:
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}); "
                               "the training diverged or the file is corrupt: use an earlier checkpoint")
-
-
-def _looks_like_timm_vit(state: dict[str, Any]) -> bool:
-    return all(isinstance(state.get(k), torch.Tensor)
-               for k in ("cls_token", "pos_embed", "patch_embed.proj.weight"))
-
-
-# Preprocessing timm uses for ViT/DeiT on ImageNet.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def infer_timm_config(state: dict[str, torch.Tensor], num_heads: Optional[int] = None) -> ModelConfig:
-    """A ModelConfig matching a timm VisionTransformer state dict (class-token ViT/DeiT)."""
-    proj = state["patch_embed.proj.weight"]  # (D, C, P, P)
-    embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    tokens = state["pos_embed"].shape[1] - 1
-    grid = int(round(tokens ** 0.5))
-    if grid * grid != tokens:
-        raise CheckpointError(f"pos_embed has {tokens} patch positions (not a square grid); only "
-                              "class-token ViTs without register/distillation tokens are supported")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    head = state.get("head.weight")
-    if head is None:
-        raise CheckpointError("the state dict has no classifier head (head.weight)")
-    heads = num_heads or max(1, embed_dim // 64)
-    return ModelConfig(img_size=grid * patch, patch_size=patch, in_chans=in_chans,
-                       num_classes=head.shape[0], embed_dim=embed_dim, depth=depth, num_heads=heads,
-                       mlp_ratio=hidden / embed_dim, qkv_bias="blocks.0.attn.qkv.bias" in state)
-
-
-def model_from_timm_state_dict(state: dict[str, torch.Tensor], source: str,
-                               num_heads: Optional[int] = None) -> LoadedModel:
-    try:
-        config = infer_timm_config(state, num_heads)
-    except (KeyError, ValueError, IndexError, BVViTError) as exc:
-        raise CheckpointError(f"{source}: cannot infer a ViT config from the state dict ({exc})") from None
-    model = VisionTransformer(config)
-    try:
-        load_pretrained(model, state, strict_head=True)
-    except (KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0].strip("'\"")
-        raise CheckpointError(f"{source}: not a timm ViT/DeiT state dict ({first[:200]})") from None
-    model.eval()
-    rgb = config.in_chans == 3
-    pre = Preprocessing(mean=IMAGENET_MEAN if rgb else (0.5,), std=IMAGENET_STD if rgb else (0.5,),
-                        img_size=config.img_size, in_chans=config.in_chans,
-                        interpolation="bicubic" if rgb else "bilinear",
-                        crop_pct=0.875 if config.img_size > 64 else 1.0)
-    # Class names are unknown: post_training takes them from the data folder.
-    return LoadedModel(model, config, [], pre, {"kind": "timm-state-dict"}, {})
 
 
 def state_dict_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LEAVES = {"bvvit", "errors", "config", "io", "metrics", "system", "distributed", "plotting", "console",
           "run_dir"}
 # The area of a top-level module or package of bvvit (bvvit.<name>...).
-AREAS = {**{name: name for name in LEAVES}, "model": "model", "model_file": "model", "data": "data",
+AREAS = {**{name: name for name in LEAVES}, "model": "model", "model_file": "model", "formats": "model", "data": "data",
          "quant": "quant", "evaluate": "evaluate", "runtime": "runtime", "train": "train", "ptq": "ptq",
          "report": "report", "cli": "cli"}
 # What each area may import besides itself: arrows point one way, down the flow.

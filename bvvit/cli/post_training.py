@@ -63,11 +63,21 @@ def bits_value(text: str) -> int:
 def build_parser() -> OneLineParser:
     from bvvit.quant.config import DEFAULT_BITS, DEFAULT_CALIB_SIZE
     from bvvit.quant.recipes import DEFAULT_RECIPE, RECIPES
+    from bvvit.config import OVERRIDABLE_PREPROCESSING
+    from bvvit.formats import MODEL_FORMATS
 
     p = OneLineParser(prog="post_training.py",
                       description="Post-training quantization of a trained ViT at several bit "
                                   "depths (weights AND activations), evaluated against the original.")
-    p.add_argument("--model-path", required=True, help="vit_model.pth written by run.py")
+    p.add_argument("--model-path", required=True, metavar="FILE|FOLDER",
+                   help="vit_model.pth written by run.py, or a timm / Hugging Face / torchvision "
+                        "ViT checkpoint (file or folder; the format is detected)")
+    p.add_argument("--model-format", choices=MODEL_FORMATS, default="auto",
+                   help="read --model-path as this format instead of detecting it (default auto)")
+    p.add_argument("--preprocessing", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="change the evaluation transform the checkpoint brings: "
+                        f"{', '.join(OVERRIDABLE_PREPROCESSING)} (e.g. mean=0.5,0.5,0.5 "
+                        "std=0.5,0.5,0.5 crop_pct=0.9 interpolation=bicubic crop_mode=squash)")
     p.add_argument("--data-path", default=None,
                    help="data set (default: the one the model was trained on)")
     p.add_argument("--output-dir", default=None,
@@ -101,8 +111,8 @@ def build_parser() -> OneLineParser:
                    help="per-layer exception by module name pattern, e.g. 'blocks.0.*=8' or "
                         "'head=float' (repeatable)")
     p.add_argument("--num-heads", type=positive_int, default=None,
-                   help="attention heads of a bare timm/DeiT state dict (default: embed_dim / 64, "
-                        "timm's convention); BV-ViT model files carry their own")
+                   help="attention heads of a timm or torchvision state dict (default: embed_dim / "
+                        "64, the ViT convention); BV-ViT files, HF and timm folders carry their own")
     p.add_argument("--float-dtype", choices=["fp32", "fp16"], default="fp16",
                    help="dtype of the float parts (norms, biases, embeddings) in packed files; the "
                         "evaluation uses exactly the stored values (default fp16: half their bytes, "
@@ -187,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
                  mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads,
+                 model_format=args.model_format, preprocessing=tuple(args.preprocessing),
                  onnx=not args.no_onnx, overwrite=args.overwrite)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")

@@ -42,9 +42,21 @@ def cache_base(model_path: str, data_desc: str, calib_indices: list[int], num_ev
                float_dtype: str) -> dict[str, Any]:
     """What a finished variant's result depends on besides its QuantConfig (and the record
     layout: a record of an older layout is recomputed, never misread)."""
-    return {"record_format": RECORD_FORMAT, "model_sha256": sha256_file(model_path), "data": data_desc,
+    return {"record_format": RECORD_FORMAT, "model_sha256": model_digest(model_path), "data": data_desc,
             "calib_indices_sha256": hashlib.sha256(json.dumps(calib_indices).encode()).hexdigest(),
             "num_eval": num_eval, "float_dtype": float_dtype, "bvvit_version": __version__}
+
+
+def model_digest(model_path: str) -> str:
+    """SHA-256 of a model file, or of every file of a model folder (a Hugging Face or timm
+    folder: weights and JSON), names included."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):  # its own files, not sub-folders
+        digest.update(f"{file.relative_to(path)}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
 
 
 def variant_key(base: dict[str, Any], cfg: QuantConfig) -> str:
@@ -87,4 +99,4 @@ def load_result(out: Path, name: str, cfg: QuantConfig, base: dict[str, Any]
     return qmodel, stored
 
 
-__all__ = ["packed_path", "result_path", "cache_base", "variant_key", "save_result", "load_result"]
+__all__ = ["packed_path", "result_path", "cache_base", "model_digest", "variant_key", "save_result", "load_result"]

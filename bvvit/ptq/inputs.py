@@ -1,17 +1,19 @@
-"""What a PTQ job reads: the model file (a BV-ViT model file or a bare timm state dict) and
-the data set it is evaluated and calibrated on, checked against each other.
+"""What a PTQ job reads: the model (a BV-ViT model file, or a timm, Hugging Face or
+torchvision checkpoint: :mod:`bvvit.formats`) and the data set it is evaluated and
+calibrated on, checked against each other.
 
-The data defaults to what the model file records it was trained on; a bare timm state dict
-records nothing, so it needs ``--data-path`` (an ImageNet-style folder whose class folders
-match its head).
+The data defaults to what the model file records it was trained on; another library's
+checkpoint records nothing, so it needs ``--data-path`` (an ImageNet-style folder whose
+class folders match its head).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+from bvvit.config import ModelConfig
 from bvvit.data import DataSource, resolve_data
 from bvvit.errors import DataError
 from bvvit.model_file import LoadedModel, load_model_file
@@ -19,13 +21,21 @@ from bvvit.model_file import LoadedModel, load_model_file
 log = logging.getLogger(__name__)
 
 
-def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[int] = None
+def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[int] = None,
+                model_format: str = "auto", preprocessing: Sequence[str] = ()
                 ) -> tuple[LoadedModel, DataSource]:
-    """The model file at ``model_path`` and its data set (``data_path``, or the one the file
-    records), with classes and channels checked: a disagreement is one DataError line."""
-    loaded = load_model_file(model_path, num_heads=num_heads)
-    if loaded.data.get("kind") == "timm-state-dict":
-        source = _timm_data(loaded, model_path, data_path)
+    """The model at ``model_path`` (``model_format``: auto or forced) and its data set
+    (``data_path``, or the one the file records), with classes and channels checked: a
+    disagreement is one DataError line. ``preprocessing``: ``KEY=VALUE`` items replacing
+    fields of the model's evaluation transform."""
+    loaded = load_model_file(model_path, num_heads=num_heads, model_format=model_format)
+    for note in loaded.notes:
+        log.info(f"{loaded.source_format} checkpoint: {note}")
+    if preprocessing:
+        loaded.preprocessing = loaded.preprocessing.overridden(preprocessing)
+        log.info(f"preprocessing changed by --preprocessing: {loaded.preprocessing.to_dict()}")
+    if loaded.source_format != "bvvit":
+        source = _foreign_data(loaded, model_path, data_path)
     else:
         source = resolve_data(data_path or stored_data_path(loaded, model_path))
     _check_classes(loaded, list(source.class_names), source.describe(), model_path)
@@ -35,21 +45,34 @@ def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[i
     return loaded, source
 
 
-def _timm_data(loaded: LoadedModel, model_path: str, data_path: Optional[str]) -> DataSource:
-    """The data of a bare timm state dict: ``data_path`` is required, and its classes name
-    the head's outputs."""
+def _foreign_data(loaded: LoadedModel, model_path: str, data_path: Optional[str]) -> DataSource:
+    """The data of another library's checkpoint: ``data_path`` is required; when the
+    checkpoint names no classes, the data's (sorted) class folders name the head's outputs."""
     if not data_path:
-        raise DataError(f"{model_path} is a bare timm state dict: pass --data-path (an "
-                        "ImageNet-style folder whose class folders match its head)")
+        raise DataError(f"{model_path} is a {loaded.source_format} checkpoint, which records no data "
+                        "set: pass --data-path (an ImageNet-style folder whose class folders match its head)")
     source = resolve_data(data_path)
-    if source.num_classes != loaded.config.num_classes:
-        raise DataError(f"{source.describe()} has {source.num_classes} classes but the head of "
-                        f"{model_path} has {loaded.config.num_classes}")
-    loaded.class_names = list(source.class_names)
-    c = loaded.config
-    log.info(f"timm state dict: inferred ViT depth {c.depth}, dim {c.embed_dim}, {c.num_heads} heads, "
-             f"patch {c.patch_size}, {c.img_size}px; ImageNet normalisation")
+    if not loaded.class_names:
+        if source.num_classes != loaded.config.num_classes:
+            raise DataError(f"{source.describe()} has {source.num_classes} classes but the head of "
+                            f"{model_path} has {loaded.config.num_classes}")
+        loaded.class_names = list(source.class_names)
+    c, pre = loaded.config, loaded.preprocessing
+    log.info(f"{loaded.source_format} checkpoint: ViT depth {c.depth}, dim {c.embed_dim}, {c.num_heads} "
+             f"heads, patch {c.patch_size}, {c.img_size}px, {_architecture_words(c)}; preprocessing "
+             f"{pre.interpolation}, crop_pct {pre.crop_pct:g} ({pre.crop_mode}), mean {list(pre.mean)}, "
+             f"std {list(pre.std)}")
     return source
+
+
+def _architecture_words(config: ModelConfig) -> str:
+    """A few words on the tokens and pooling of ``config`` (for the console)."""
+    tokens = "class + distillation tokens" if config.dist_token else \
+        "class token" if config.class_token else "no class token"
+    pool = "mean of both heads" if config.head_dist else \
+        "average pooling" + (" + fc_norm" if config.fc_norm else "") if config.global_pool == "avg" \
+        else "class-token head"
+    return f"{tokens}, {pool}"
 
 
 def stored_data_path(loaded: LoadedModel, model_path: str) -> str:

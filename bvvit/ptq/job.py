@@ -75,7 +75,9 @@ class PTQJob:
     switches: dict[str, Any] = field(default_factory=dict)
     float_dtype: str = "fp16"  # dtype of the float parts inside packed files (evaluated as stored)
     analysis: str = "basic"  # none | basic | full (adds per-layer sensitivity)
-    num_heads: Optional[int] = None  # for bare timm state dicts (not in the tensor shapes)
+    num_heads: Optional[int] = None  # for timm/torchvision state dicts (not in the tensor shapes)
+    model_format: str = "auto"  # bvvit | timm | hf | torchvision (bvvit.formats), auto: detected
+    preprocessing: tuple[str, ...] = ()  # KEY=VALUE changes of the checkpoint's eval transform
     avg_bits: Optional[float] = None  # mixed precision budget: mean weight bits
     max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
     mp_candidates: tuple[int, ...] = (4, 6, 8)
@@ -117,7 +119,8 @@ def _raise_failures(summary: dict[str, Any], job: PTQJob) -> dict[str, Any]:
 
 def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     device = torch.device(job.device)
-    loaded, source = load_inputs(job.model_path, job.data_path, job.num_heads)
+    loaded, source = load_inputs(job.model_path, job.data_path, job.num_heads, job.model_format,
+                                 job.preprocessing)
     pre = loaded.preprocessing
     val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=job.eval_subset)
     if info.enabled and len(val_set) < info.world_size:
@@ -146,6 +149,8 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     log.info(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 
     cache_key = cache_base(job.model_path, source.describe(), calib_indices, len(val_set), job.float_dtype)
+    if job.preprocessing:  # results depend on the transform, changed by the flag
+        cache_key["preprocessing"] = pre.to_dict()
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
     skipped: list[str] = []
     for w_bits, a_bits in dict.fromkeys(job.bit_pairs):  # each pair once, in the order given

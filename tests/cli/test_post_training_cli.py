@@ -142,10 +142,10 @@ def test_timm_state_dict_on_imagenet_style_folder(tmp_path):
     path = tmp_path / "deit_tiny_random.pth"
     torch.save(reference.state_dict(), path)
     data = make_image_folder(tmp_path / "imagenet", size=40, mode="RGB", per_class=6)
-    result = _ptq(path, "--data-path", str(data), "--bits", "8", "--baseline", "none",
+    result = _ptq(path, "--data-path", str(data), "--bits", "8", "--baseline", "none", "--model-format", "timm",
                   "--output-dir", str(tmp_path / "q"), "--calib-size", "8", "--analysis", "none")
     assert result.returncode == 0, result.stderr
-    assert "1 heads" in result.stdout and "ImageNet normalisation" in result.stdout
+    assert "1 heads" in result.stdout and "ImageNet mean/std" in result.stdout
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["class_names"] == ["ant", "bee", "cat"]
     assert summary["model_config"]["img_size"] == 32
