@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bvvit.errors import CheckpointError, ConfigError
 from bvvit.metrics import sqnr_db
-from bvvit.quant.config import LayerOverride
+from bvvit.quant.config import LayerOverride, QuantConfig
 from bvvit.quant.modules import QuantLinear, QuantMatMul, QuantSoftmax, act_quantizers
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import RECIPES, make_quant_config
@@ -95,7 +95,8 @@ def test_packed_file_reloads_bit_for_bit(model, calib, images, tmp_path, bits):
     reloaded, meta = load_quantized_model(tmp_path / "q.safetensors")
     with torch.no_grad():
         assert torch.equal(qmodel(images), reloaded(images))
-    assert meta["quant_config"]["w_bits"] == bits
+    stored = QuantConfig.from_dict(meta["quant_config"])
+    assert (stored.w_bits, stored.a_bits) == (bits, bits) and stored == cfg
     assert info["size_bytes"] == (tmp_path / "q.safetensors").stat().st_size
     packed = info["breakdown"]["packed_weights"]
     weights = sum(m.weight_codes.numel() for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)) \
