@@ -12,15 +12,24 @@ from __future__ import annotations
 from typing import Optional
 
 from bvvit.errors import CheckpointError
-from bvvit.formats import timm
-from bvvit.formats.common import Converted, unwrap_state_dict
-from bvvit.formats.detect import FORMATS, MODEL_FORMATS, Checkpoint, read_checkpoint
+from bvvit.formats import hf, timm
+from bvvit.formats.common import Converted, read_json, unwrap_state_dict
+from bvvit.formats.detect import FORMATS, MODEL_FORMATS, Checkpoint, hf_folder_of, read_checkpoint
 
 
 def convert(checkpoint: Checkpoint, num_heads: Optional[int] = None) -> Converted:
     """A timm, hf or torchvision ``checkpoint`` as our model (``num_heads`` overrides the
     head count the state-dict formats assume)."""
     source = str(checkpoint.path)
+    if checkpoint.format == "hf":
+        folder = checkpoint.path if checkpoint.is_folder else hf_folder_of(checkpoint.path)
+        if folder is None:
+            raise CheckpointError(f"{source} holds transformers weights without their config.json; "
+                                  "pass the model folder (config.json, model.safetensors, "
+                                  "preprocessor_config.json)")
+        config = checkpoint.payload if checkpoint.is_folder else read_json(folder / "config.json", source)
+        weights = None if checkpoint.is_folder else checkpoint.payload
+        return hf.convert_folder(folder, config, source, weights)
     if checkpoint.format == "timm" and checkpoint.is_folder:
         return timm.convert_folder(checkpoint.path, checkpoint.payload, source, num_heads)
     state = unwrap_state_dict(checkpoint.payload)

@@ -22,12 +22,12 @@ from typing import Any, Optional
 import torch
 
 from bvvit.errors import CheckpointError
-from bvvit.formats import timm
+from bvvit.formats import hf, timm
 from bvvit.formats.common import read_json, read_weights, unwrap_state_dict
 
-FORMATS = ("bvvit", "timm")
+FORMATS = ("bvvit", "timm", "hf")
 # State-dict formats recognised by their keys, in the order they are tried.
-_KEY_DETECTORS = (("timm", timm.looks_like),)
+_KEY_DETECTORS = (("timm", timm.looks_like), ("hf", hf.looks_like))
 MODEL_FORMATS = ("auto",) + FORMATS  # the --model-format choices
 
 
@@ -62,7 +62,7 @@ def _read_folder(folder: Path, model_format: str) -> Checkpoint:
         raise CheckpointError(f"{folder} is a folder without config.json; pass a checkpoint file "
                               "(.pth, .bin, .safetensors) or a Hugging Face / timm model folder")
     config = read_json(config_path, str(folder))
-    found = "timm" if timm.is_timm_folder(config) else None
+    found = "hf" if hf.is_hf_folder(config) else "timm" if timm.is_timm_folder(config) else None
     fmt = found if model_format == "auto" else model_format
     if fmt not in ("hf", "timm"):
         what = f"a {found} folder" if found else "a folder whose config.json is neither transformers' " \

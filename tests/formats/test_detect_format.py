@@ -9,7 +9,7 @@ import torch
 from bvvit.errors import CheckpointError
 from bvvit.formats import read_checkpoint
 from bvvit.model_file import load_model_file, save_model_file
-from tests.formats.sources import timm_vit
+from tests.formats.sources import hf_folder, timm_vit
 
 
 def test_each_format_is_detected(tmp_path, tiny_config):
@@ -18,8 +18,10 @@ def test_each_format_is_detected(tmp_path, tiny_config):
     save_model_file(tmp_path / "ours.pth", VisionTransformer(tiny_config), [str(i) for i in range(10)],
                     Preprocessing())
     torch.save(timm_vit().state_dict(), tmp_path / "timm.pth")
-    found = {name: read_checkpoint(tmp_path / name).format for name in ("ours.pth", "timm.pth")}
-    assert found == {"ours.pth": "bvvit", "timm.pth": "timm"}
+    hf_folder(tmp_path / "hf")
+    found = {name: read_checkpoint(tmp_path / name).format for name in ("ours.pth", "timm.pth", "hf")}
+    assert found == {"ours.pth": "bvvit", "timm.pth": "timm", "hf": "hf"}
+    assert read_checkpoint(tmp_path / "hf" / "model.safetensors").format == "hf"
 
 
 def test_unknown_dict_says_what_it_holds_and_which_formats_exist(tmp_path):
@@ -28,7 +30,7 @@ def test_unknown_dict_says_what_it_holds_and_which_formats_exist(tmp_path):
         load_model_file(tmp_path / "x.pth")
     message = str(error.value)
     assert "2 tensors, first keys encoder.weight, decoder.bias" in message
-    assert "formats: bvvit, timm" in message and "--model-format" in message
+    assert "formats: bvvit, timm, hf" in message and "--model-format" in message
 
 
 def test_forced_format_reads_the_file_as_that_format(tmp_path):
@@ -47,6 +49,13 @@ def test_folders_that_are_no_model_are_one_line(tmp_path, setup, fragment):
     setup(tmp_path / "folder")
     with pytest.raises(CheckpointError, match=fragment):
         load_model_file(tmp_path / "folder")
+
+
+def test_hf_weights_without_their_config_json(tmp_path):
+    hf_folder(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="without their config.json"):
+        load_model_file(tmp_path / "hf" / "model.safetensors")
 
 
 def test_corrupt_safetensors_is_one_line(tmp_path):
