@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from bvvit.errors import CheckpointError
-from bvvit.formats import hf, timm
+from bvvit.formats import hf, timm, torchvision
 from bvvit.formats.common import Converted, read_json, unwrap_state_dict
 from bvvit.formats.detect import FORMATS, MODEL_FORMATS, Checkpoint, hf_folder_of, read_checkpoint
 
@@ -35,6 +35,8 @@ def convert(checkpoint: Checkpoint, num_heads: Optional[int] = None) -> Converte
     state = unwrap_state_dict(checkpoint.payload)
     if checkpoint.format == "timm":
         return timm.convert_state_dict(state, source, num_heads)
+    if checkpoint.format == "torchvision":
+        return torchvision.convert_state_dict(state, source, num_heads)
     raise ValueError(f"convert() takes timm, hf or torchvision checkpoints, not {checkpoint.format!r}")
 
 

@@ -22,12 +22,12 @@ from typing import Any, Optional
 import torch
 
 from bvvit.errors import CheckpointError
-from bvvit.formats import hf, timm
+from bvvit.formats import hf, timm, torchvision
 from bvvit.formats.common import read_json, read_weights, unwrap_state_dict
 
-FORMATS = ("bvvit", "timm", "hf")
+FORMATS = ("bvvit", "timm", "hf", "torchvision")
 # State-dict formats recognised by their keys, in the order they are tried.
-_KEY_DETECTORS = (("timm", timm.looks_like), ("hf", hf.looks_like))
+_KEY_DETECTORS = (("timm", timm.looks_like), ("torchvision", torchvision.looks_like), ("hf", hf.looks_like))
 MODEL_FORMATS = ("auto",) + FORMATS  # the --model-format choices
 
 

@@ -9,7 +9,7 @@ import torch
 from bvvit.errors import CheckpointError
 from bvvit.formats import read_checkpoint
 from bvvit.model_file import load_model_file, save_model_file
-from tests.formats.sources import hf_folder, timm_vit
+from tests.formats.sources import hf_folder, timm_vit, torchvision_vit
 
 
 def test_each_format_is_detected(tmp_path, tiny_config):
@@ -18,9 +18,10 @@ def test_each_format_is_detected(tmp_path, tiny_config):
     save_model_file(tmp_path / "ours.pth", VisionTransformer(tiny_config), [str(i) for i in range(10)],
                     Preprocessing())
     torch.save(timm_vit().state_dict(), tmp_path / "timm.pth")
+    torch.save(torchvision_vit().state_dict(), tmp_path / "tv.pth")
     hf_folder(tmp_path / "hf")
-    found = {name: read_checkpoint(tmp_path / name).format for name in ("ours.pth", "timm.pth", "hf")}
-    assert found == {"ours.pth": "bvvit", "timm.pth": "timm", "hf": "hf"}
+    found = {name: read_checkpoint(tmp_path / name).format for name in ("ours.pth", "timm.pth", "tv.pth", "hf")}
+    assert found == {"ours.pth": "bvvit", "timm.pth": "timm", "tv.pth": "torchvision", "hf": "hf"}
     assert read_checkpoint(tmp_path / "hf" / "model.safetensors").format == "hf"
 
 
@@ -30,7 +31,7 @@ def test_unknown_dict_says_what_it_holds_and_which_formats_exist(tmp_path):
         load_model_file(tmp_path / "x.pth")
     message = str(error.value)
     assert "2 tensors, first keys encoder.weight, decoder.bias" in message
-    assert "formats: bvvit, timm, hf" in message and "--model-format" in message
+    assert "formats: bvvit, timm, hf, torchvision" in message and "--model-format" in message
 
 
 def test_forced_format_reads_the_file_as_that_format(tmp_path):
@@ -38,6 +39,8 @@ def test_forced_format_reads_the_file_as_that_format(tmp_path):
     with pytest.raises(CheckpointError, match="model_config"):  # read as a BV-ViT file
         load_model_file(tmp_path / "timm.pth", model_format="bvvit")
     assert load_model_file(tmp_path / "timm.pth", model_format="timm").source_format == "timm"
+    with pytest.raises(CheckpointError, match="torchvision state dict has no"):
+        load_model_file(tmp_path / "timm.pth", model_format="torchvision")
 
 
 @pytest.mark.parametrize("setup, fragment", [
