@@ -136,9 +136,11 @@ def build_parser() -> OneLineParser:
     g.add_argument("--no-attention-matmul", action="store_true", help="keep q, k, v float")
     g.add_argument("--no-softmax", action="store_true", help="keep attention probabilities float")
     g.add_argument("--residual", action="store_true", help="also quantize the residual additions")
-    g.add_argument("--softmax-log2", action="store_true",
-                   help="quantize attention probabilities on a log2 grid (PTQ4ViT/RepQ-ViT) "
-                        "instead of a uniform one")
+    g.add_argument("--softmax-grid", choices=["auto", "uniform", "log2"], default=None,
+                   help="grid of the attention probabilities: auto (the vit recipes' default: per "
+                        "block, uniform, log2 or log-sqrt2, whichever has the lowest attn @ v error "
+                        "on calibration images), uniform, or log2 (log2/log-sqrt2 by MSE)")
+    g.add_argument("--softmax-log2", action="store_true", help="same as --softmax-grid log2")
     rec = g.add_mutually_exclusive_group()
     rec.add_argument("--reconstruct", action="store_true",
                      help="after calibration, reconstruct block by block (learned weight rounding "
@@ -181,8 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     switches = {"linear": not args.no_linear, "attention_matmul": not args.no_attention_matmul,
                 "softmax_output": not args.no_softmax, "residual": args.residual,
                 "patch_embed": not args.no_patch_embed, "head": not args.no_head}
-    if args.softmax_log2:
-        switches["softmax_method"] = "log2"
+    if args.softmax_log2 or args.softmax_grid:
+        switches["softmax_method"] = "log2" if args.softmax_log2 else args.softmax_grid
     if args.reconstruct or args.no_reconstruct:
         switches["reconstruct"] = {"enabled": bool(args.reconstruct)}  # the recipe's other settings stay
     if args.rotate:

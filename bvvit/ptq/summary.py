@@ -14,16 +14,20 @@ from bvvit import __version__
 from bvvit.io import atomic_write_json, atomic_write_text, json_safe
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.variants import Variant
+from bvvit.quant.softmax_grid import grid_summary
 from bvvit.system import system_info
 
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
                    "lost_vs_fp32", "gained_vs_fp32", "drop_p_value", "sqnr_db", "kl_div", "size_bytes",
-                   "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s"]
+                   "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s", "softmax_grid"]
 NOTES = {
     "kernel": "'simulated' = fake-quant in float (accuracy is exact for the integer model, "
               "latency is NOT an integer-kernel speed); 'float' = the FP32 model",
     "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
                   "weights for quantized variants; the float32 state dict for fp32)",
+    "softmax_grid": "grid of the attention probabilities: uniform, log2 or log-sqrt2 (chosen per "
+                    "block by calibration error under the vit recipes: 'mixed' lists the blocks' "
+                    "choices; per-block errors in variants.*.softmax_grids)",
 }
 
 
@@ -45,7 +49,19 @@ def variant_row(v: Variant, latency: dict[int, Any], fp_bytes: int) -> dict[str,
         "latency_ms_b1": _lat(latency, 1), "latency_ms_b64": _lat(latency, 64),
         "kernel": "float" if v.config is None else "simulated",
         "calibration_time_s": round(v.report.get("calibration_time_s", 0.0), 3),
+        "softmax_grid": softmax_grid_of(v),
     }
+
+
+def softmax_grid_of(v: Variant) -> Optional[str]:
+    """The softmax grid of a variant: the per-block choice, the config's method, or None
+    (float model, or attention probabilities kept float)."""
+    chosen = v.report.get("extras", {}).get("softmax_grids")
+    if chosen:
+        return grid_summary(chosen)
+    if v.config is None or not v.config.softmax_output:
+        return None
+    return v.config.softmax.method
 
 
 def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
@@ -71,7 +87,7 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
                      "sqnr_db": acc.get("sqnr_db_vs_sim"), "kl_div": None, "size_bytes": size,
                      "size_ratio": round(size / fp_bytes, 4) if size else None,
                      "latency_ms_b1": latency.get((acc_key, 1)), "latency_ms_b64": latency.get((acc_key, 64)),
-                     "kernel": kernel, "calibration_time_s": 0.0})
+                     "kernel": kernel, "calibration_time_s": 0.0, "softmax_grid": None})
     return rows
 
 
@@ -94,6 +110,8 @@ def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calib_indices: 
                               "coverage": v.report.get("coverage"), "layers": v.report.get("layers"),
                               "warnings": v.report.get("warnings", []),
                               "calibration_time_s": v.report.get("calibration_time_s"),
+                              "softmax_grids": v.report.get("extras", {}).get("softmax_grids"),
+                              "rotation": v.report.get("extras", {}).get("rotation"),
                               "file": v.file, "latency": latency.get(v.name)}
                      for v in variants},
         "notes": NOTES,
@@ -137,4 +155,4 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SUMMARY_COLUMNS", "variant_row", "onnx_rows", "build_summary", "write_summary", "format_table"]
+__all__ = ["SUMMARY_COLUMNS", "variant_row", "softmax_grid_of", "onnx_rows", "build_summary", "write_summary", "format_table"]

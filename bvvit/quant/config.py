@@ -35,7 +35,7 @@ DEFAULT_BITS = (4, 6, 8, 10, 12, 16)  # the widths post_training.py sweeps by de
 DEFAULT_CALIB_SIZE = 1024  # calibration images (block reconstruction at <= 4 bits needs them)
 GRANULARITIES = ("tensor", "channel")  # plus "group:<size>"
 OBSERVER_NAMES = ("minmax", "ema_minmax", "percentile", "mse")
-QUANTIZER_METHODS = ("uniform", "log2")
+QUANTIZER_METHODS = ("uniform", "log2", "auto")  # auto: chosen after calibration (softmax)
 
 
 def check_bits(value: Any, name: str = "bits", error: type[Exception] = ConfigError) -> int:
@@ -70,7 +70,7 @@ class TensorQuantSpec(DictConfig):
     granularity: str = "tensor"  # tensor | channel | group:<size>
     observer: str = "minmax"  # minmax | ema_minmax | percentile | mse
     percentile: float = 99.99
-    method: str = "uniform"  # uniform | log2 (post-softmax)
+    method: str = "uniform"  # uniform | log2 | auto (post-softmax: grid chosen by calibration error)
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits)

@@ -89,6 +89,13 @@ class ActQuantizer(nn.Module):
         self.state = QUANTIZE
 
     def set_qparams(self, qparams: QParams) -> None:
+        """Quantize with ``qparams`` from now on; the spec then names the grid they use (a
+        softmax spec of method "auto" becomes "uniform" or "log2" once its grid is chosen)."""
+        from bvvit.quant.log2 import LogQParams
+
+        method = "log2" if isinstance(qparams, LogQParams) else "uniform"
+        if self.spec.method != method:
+            self.spec = dataclasses.replace(self.spec, method=method)
         self.qparams = qparams
         self.state = QUANTIZE
 

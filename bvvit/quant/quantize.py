@@ -5,6 +5,8 @@
    per-layer overrides (weights are quantized here, from the weights alone);
 3. calibrate: run the calibration images through the model with every activation
    quantizer observing, then freeze the qparams (:func:`calibrate`);
+3a. with ``softmax.method = "auto"``, give each softmax quantizer the grid (uniform, log2,
+   log-sqrt2) with the lowest calibration error (:mod:`bvvit.quant.softmax_grid`);
 3b. optionally reconstruct block by block (``cfg.reconstruct``, :mod:`bvvit.quant.reconstruct`):
    learned rounding of the weight codes and learned activation step sizes;
 4. return the quantized model and a :class:`QuantReport` (coverage, warnings, timing).
@@ -33,6 +35,7 @@ from bvvit.quant.modules import (OBSERVE, ActQuantizer, QuantAdd, QuantConv2d, Q
 from bvvit.quant.reconstruct import reconstruct_model
 from bvvit.quant.reparam import reparameterize_layernorms
 from bvvit.quant.rotation import rotate_model
+from bvvit.quant.softmax_grid import choose_softmax_grids
 
 
 @dataclass
@@ -226,6 +229,8 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
         report.calibration_images, _ = calibrate(qmodel, calibration_loader, device, progress)
+        if cfg.softmax.method == "auto":
+            report.extras["softmax_grids"] = choose_softmax_grids(qmodel, calibration_loader, device=device)
     if cfg.reconstruct.enabled:
         report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
                                                          device, seed=cfg.seed)

@@ -6,8 +6,9 @@ recipe      weights                                activations (incl. q, k, v, s
 minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-max
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
-vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization
-            (+ reconstruction at <= 4 bits)        (log2 softmax: softmax_method="log2")
+vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
+            (+ reconstruction at <= 4 bits)        softmax grid (uniform, log2, log-sqrt2)
+                                                   chosen per block by calibration error
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction
             (AdaRound/BRECQ)
@@ -59,10 +60,13 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     """ViT-aware: LayerNorm reparameterization and GPTQ weights on top of mse, and block-wise
     reconstruction when weights or activations have <= 4 bits (there it halves the W4A4 loss
     and cuts W3A3's by 2/3 for ~40 s more calibration; at 6+ bits it bought nothing:
-    BENCHMARKS.md section 4). The log2 softmax quantizer is a switch
-    (``softmax_method="log2"``), not part of the default: it lowered W4A4 accuracy on both
-    demo models (17 tokens: attention probabilities are large, where a log grid is coarse)."""
-    return {**_mse(w_bits, a_bits), "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
+    BENCHMARKS.md section 4). The softmax grid is chosen per block after calibration
+    (``method="auto"``, :mod:`bvvit.quant.softmax_grid`): a fixed log2 grid lowered W4A4
+    accuracy at 17 tokens, where log-sqrt2 is the better log grid at 4 bits and uniform at
+    8; the choice by attn @ v error matched the held-out logit error at W3A3, W4A4 and W8A8."""
+    softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="auto")
+    return {**_mse(w_bits, a_bits), "softmax": softmax,
+            "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
             "reconstruct": ReconstructOptions(enabled=min(w_bits, a_bits) <= LOW_BITS)}
 
 
@@ -94,7 +98,7 @@ def make_quant_config(recipe: str = DEFAULT_RECIPE, w_bits: int = 8, a_bits: int
     are replaced whole by an options object, or changed in part by a dict:
     ``reconstruct={"enabled": False}`` keeps the recipe's other reconstruction settings.
 
-    ``softmax_method="log2"`` quantizes attention probabilities on a log grid."""
+    ``softmax_method`` ("uniform", "log2", "auto") replaces the recipe's softmax grid."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     bundle = RECIPES[recipe](check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits"))

@@ -24,3 +24,9 @@ def test_rotate_flag_turns_the_rotation_on(job_of):
     switches = job_of("--rotate").switches
     cfg = make_quant_config("vit", 4, 4, **switches)
     assert cfg.rotation.enabled and cfg.reparam.enabled and cfg.gptq.enabled
+
+
+@pytest.mark.parametrize("flags,method", [((), "auto"), (("--softmax-grid", "uniform"), "uniform"),
+                                          (("--softmax-log2",), "log2"), (("--softmax-grid", "log2"), "log2")])
+def test_softmax_grid_flag(job_of, flags, method):
+    assert make_quant_config("vit", 4, 4, **job_of(*flags).switches).softmax.method == method

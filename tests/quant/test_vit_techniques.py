@@ -153,6 +153,6 @@ def test_vit_recipe_beats_mse_at_w4a4():
 def test_softmax_log2_switch():
     cfg = make_quant_config("vit", 4, 4, softmax_method="log2")
     assert cfg.softmax.method == "log2" and cfg.reparam.enabled and cfg.gptq.enabled
-    assert make_quant_config("vit", 4, 4).softmax.method == "uniform"
+    assert make_quant_config("vit", 4, 4).softmax.method == "auto"
     qmodel, _ = quantize_model(VisionTransformer(CFG).eval(), cfg, _loader())
     assert isinstance(qmodel.blocks[0].attn.softmax.output_quantizer.qparams, LogQParams)
