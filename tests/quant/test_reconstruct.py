@@ -82,7 +82,7 @@ def test_codes_stay_integers_in_range_and_the_file_reloads_bit_for_bit(model, ca
     images = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(qmodel(images), reloaded(images))
-    assert meta["quant_config"]["reconstruct"] is True
+    assert meta["quant_config"]["reconstruct"]["enabled"] is True
     for name, module in weight_modules(reloaded):
         assert torch.equal(module.weight_codes.to(torch.int32),
                            qmodel.get_submodule(name).weight_codes.to(torch.int32)), name
