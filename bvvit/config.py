@@ -222,6 +222,7 @@ class TrainConfig(DictConfig):
     compile: bool = False  # torch.compile the model (falls back to eager with a warning)
     resume: Optional[str] = None  # PATH or "auto"
     pretrained_path: Optional[str] = None
+    pretrained_format: str = "auto"  # bvvit | timm | hf | torchvision (bvvit.formats); auto: detected
     progress: bool = True
     tensorboard: bool = False
     train_subset: Optional[int] = None  # use the first N training images (smoke tests)

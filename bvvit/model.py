@@ -346,13 +346,14 @@ def load_pretrained(model: VisionTransformer, state_dict: Mapping[str, Any],
                     strict_head: bool = False) -> list[str]:
     """Load a foreign state dict into ``model``; returns the keys that were skipped.
 
-    A classifier head of another size is skipped (fine-tuning to new classes) unless
-    ``strict_head``; every other key must match exactly.
+    A classifier head (``head``, a distilled model's ``head_dist``) of another size is
+    skipped (fine-tuning to new classes) unless ``strict_head``; every other key must match
+    exactly.
     """
     adapted = checkpoint_filter_fn(state_dict, model)
     skipped: list[str] = []
     if not strict_head:
-        for key in ("head.weight", "head.bias"):
+        for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
             if key in adapted and adapted[key].shape != model.state_dict()[key].shape:
                 skipped.append(key)
                 del adapted[key]

@@ -11,6 +11,7 @@ Loading also accepts a bare timm/DeiT state dict when the model config is given.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -210,6 +211,42 @@ def model_from_converted(converted: Converted, source: str) -> LoadedModel:
     return LoadedModel(model, converted.config, converted.class_names, converted.preprocessing,
                        {"kind": f"{converted.format}-checkpoint"}, {}, converted.format,
                        list(converted.notes))
+
+
+# The ModelConfig fields that describe a checkpoint's architecture beyond its dimensions: a
+# model fine-tuned from it (run.py --pretrained-path) takes them from the checkpoint.
+ARCHITECTURE_FIELDS = ("qkv_bias", "norm_eps", "activation", "class_token", "dist_token", "head_dist",
+                       "global_pool", "fc_norm")
+
+
+@dataclass
+class PretrainedWeights:
+    """Weights to start training from (``run.py --pretrained-path``), with timm's names."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: Optional[ModelConfig]  # the architecture the checkpoint describes (None: unknown)
+    preprocessing: Optional[Preprocessing]  # the transform it was trained with (None: unknown)
+    source_format: str
+
+    def architecture_for(self, config: ModelConfig) -> ModelConfig:
+        """``config`` (dimensions from the flags) with this checkpoint's architecture fields."""
+        if self.config is None:
+            return config
+        return dataclasses.replace(config, **{name: getattr(self.config, name) for name in ARCHITECTURE_FIELDS})
+
+
+def read_pretrained(path: str | os.PathLike, model_format: str = "auto",
+                    num_heads: Optional[int] = None) -> PretrainedWeights:
+    """The weights of any checkpoint :func:`load_model_file` reads (a BV-ViT model file or
+    training checkpoint, a timm, Hugging Face or torchvision one), for fine-tuning."""
+    checkpoint = read_checkpoint(path, model_format)
+    if checkpoint.format == "bvvit":
+        stored = checkpoint.payload.get("model_config")
+        config = ModelConfig.from_dict(stored) if isinstance(stored, dict) else None
+        return PretrainedWeights(state_dict_of(checkpoint.payload), config, None, "bvvit")
+    converted = convert(checkpoint, num_heads)
+    return PretrainedWeights(converted.state_dict, converted.config, converted.preprocessing,
+                             converted.format)
 
 
 def _require_finite(model: torch.nn.Module, source: str) -> None:

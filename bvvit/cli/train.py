@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> OneLineParser:
+    from bvvit.formats import MODEL_FORMATS
+
     d = TrainConfig()
     p = OneLineParser(prog="run.py", description="Train a Vision Transformer (ViT) classifier.")
     g = p.add_argument_group("data and output")
@@ -42,8 +44,13 @@ def build_parser() -> OneLineParser:
     g.add_argument("--drop-rate", type=float, default=0.0)
     g.add_argument("--attn-drop-rate", type=float, default=0.0)
     g.add_argument("--drop-path-rate", type=float, default=0.0)
-    g.add_argument("--pretrained-path", default=None,
-                   help="start from a local timm/DeiT or BV-ViT weights file (pos_embed is resized)")
+    g.add_argument("--pretrained-path", default=None, metavar="FILE|FOLDER",
+                   help="start from a local BV-ViT, timm, Hugging Face or torchvision ViT checkpoint "
+                        "(file or folder): its tokens, pooling, norms and activation are kept, the "
+                        "dimensions must match the flags, pos_embed is resized, a head for other "
+                        "classes is replaced")
+    g.add_argument("--pretrained-format", choices=MODEL_FORMATS, default="auto",
+                   help="read --pretrained-path as this format instead of detecting it (default auto)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=d.epochs)
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size)
@@ -85,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None, hooks: Optional["TrainHooks"] = N
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad, seed=args.seed, workers=args.workers, device=args.device,
         amp=args.amp, compile=args.compile, resume=args.resume, pretrained_path=args.pretrained_path,
+        pretrained_format=args.pretrained_format,
         progress=not args.no_progress, tensorboard=args.tensorboard,
         train_subset=args.train_subset, val_subset=args.val_subset, augment=args.augment)
     source = resolve_data(cfg.data_path)

@@ -9,6 +9,7 @@ and RNG states travel in the checkpoint; the metric history travels with them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from bvvit.distributed import DistInfo, ShardSampler, all_reduce_sums, barrier, 
 from bvvit.errors import CheckpointError, ConfigError, WriteError
 from bvvit.io import atomic_torch_save, atomic_write_json, load_torch_file
 from bvvit.model import VisionTransformer, count_parameters, load_pretrained
-from bvvit.model_file import model_file_holds, model_payload, state_dict_of
+from bvvit.model_file import PretrainedWeights, model_file_holds, model_payload, read_pretrained
 from bvvit.run_dir import claim_training_dir
 from bvvit.system import library_versions, resolve_device
 from bvvit.train.checkpoint import (LAST, find_resume_checkpoint, restore_rng_state,
@@ -107,14 +108,24 @@ def build_optimizer(model: VisionTransformer, cfg: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused or None)
 
 
-def _load_pretrained_file(model: VisionTransformer, path: str) -> list[str]:
-    payload = load_torch_file(path, what="pretrained file")
+def _load_pretrained_file(model: VisionTransformer, pretrained: PretrainedWeights, path: str) -> list[str]:
     try:
-        return load_pretrained(model, state_dict_of(payload))
+        return load_pretrained(model, pretrained.state_dict)
     except (KeyError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].strip("'\"")
         raise CheckpointError(f"pretrained file {path} does not fit this model "
                               f"({first[:200]}); use matching --embed-dim/--depth/--patch-size") from None
+
+
+def _pretrained_normalisation(pre: Preprocessing, pretrained: Optional[PretrainedWeights]) -> Preprocessing:
+    """The data's preprocessing with the mean/std and interpolation another library's
+    checkpoint was trained with (fine-tuning sees its inputs as it did)."""
+    theirs = pretrained.preprocessing if pretrained is not None else None
+    if theirs is None or theirs.in_chans != pre.in_chans:
+        return pre
+    log.info(f"preprocessing of the {pretrained.source_format} checkpoint: mean {list(theirs.mean)}, "
+             f"std {list(theirs.std)}, {theirs.interpolation}")
+    return dataclasses.replace(pre, mean=theirs.mean, std=theirs.std, interpolation=theirs.interpolation)
 
 
 def fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource,
@@ -139,11 +150,16 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, argv: Opt
         device = torch.device("cuda", info.local_rank)
     for warning in warnings:
         log.warning(warning)
+    pretrained = read_pretrained(cfg.pretrained_path, cfg.pretrained_format, model_cfg.num_heads) \
+        if cfg.pretrained_path else None
+    if pretrained is not None:  # its tokens, pooling, norms and activation; dims from the flags
+        model_cfg = pretrained.architecture_for(model_cfg)
     check_model_fits(model_cfg, device)
     precision = choose_precision(device, cfg.amp)
     torch.manual_seed(cfg.seed)
 
-    pre: Preprocessing = source.default_preprocessing(model_cfg.img_size)
+    pre: Preprocessing = _pretrained_normalisation(source.default_preprocessing(model_cfg.img_size),
+                                                   pretrained)
     # augmentation is seeded per (seed, epoch, image): the same for any --workers and on resume
     train_set = SeededAugmentation(build_dataset(source, "train", subset=cfg.train_subset),
                                    build_transform(pre, train=True, augment=cfg.augment), cfg.seed)
@@ -161,7 +177,7 @@ def _fit(model_cfg: ModelConfig, cfg: TrainConfig, source: DataSource, argv: Opt
     point = find_resume_checkpoint(cfg.resume, out) if cfg.resume else None
     model = VisionTransformer(model_cfg)
     if cfg.pretrained_path and point is None:
-        skipped = _load_pretrained_file(model, cfg.pretrained_path)
+        skipped = _load_pretrained_file(model, pretrained, cfg.pretrained_path)
         log.info(f"loaded pretrained weights from {cfg.pretrained_path}"
                  + (f" (new head: {', '.join(skipped)})" if skipped else ""))
     model.to(device)
