@@ -23,6 +23,7 @@ nested (packed files and result records of earlier versions).
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -155,7 +156,8 @@ class ReconstructOptions:
     model."""
 
     enabled: bool = False
-    iters: int = 300  # Adam steps per unit (patch embedding, each block, head)
+    iters: int = 100  # Adam steps per unit (patch embedding, each block, head); 300 was no better
+    time_budget: Optional[float] = None  # seconds for the whole reconstruction (None: no limit)
     batch_size: int = 32  # images per step
     drop_prob: float = 0.0  # QDrop: chance of keeping an activation float (0 = BRECQ)
     weight_lr: float = 1e-2  # Adam rate of the AdaRound variables V
@@ -174,6 +176,10 @@ class ReconstructOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"reconstruct {name} must be a positive integer, got {value!r}")
+        budget = self.time_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ConfigError(f"reconstruct time_budget must be a positive number of seconds, got {budget!r}")
         _require_fraction("reconstruct drop_prob", self.drop_prob, 0.0, 1.0, high_included=False)
         _require_fraction("reconstruct warmup", self.warmup, 0.0, 1.0, high_included=False)
         if self.init not in ("codes", "floor") or self.units not in ("all", "blocks"):

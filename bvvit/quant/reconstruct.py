@@ -201,13 +201,15 @@ def unit_error(unit: nn.Module, inputs: Tensor, targets: Tensor) -> float:
 @torch.enable_grad()  # callers may hold no_grad (evaluation code often does)
 def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inputs: Tensor,
                      targets: Tensor, options: ReconstructOptions,
-                     generator: torch.Generator) -> dict[str, Any]:
+                     generator: torch.Generator, iters: Optional[int] = None) -> dict[str, Any]:
     """Optimise the rounding of every quantized weight of ``qunit`` and the step sizes of its
     activation quantizers so that ``qunit(x)`` matches ``targets``; update ``qunit`` in place.
 
     ``funit`` has the same structure with float weights (the AdaRound starting point);
-    ``q_inputs`` / ``f_inputs`` are the quantized / float model's inputs to the unit.
+    ``q_inputs`` / ``f_inputs`` are the quantized / float model's inputs to the unit;
+    ``iters`` (default ``options.iters``) is the number of Adam steps.
     """
+    iters = options.iters if iters is None else iters
     weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, options.init)
                for name, m in qunit.named_modules()
                if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_qparams is not None}
@@ -224,7 +226,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
         params.append({"params": act_params, "lr": options.act_lr})
     optimizer = torch.optim.Adam([g for g in params if g["params"]])
     n_weights = max(1, sum(w.V.numel() for w in weights.values()))
-    warmup = int(options.warmup * options.iters)
+    warmup = int(options.warmup * iters)
     n = len(q_inputs)
     order = torch.randperm(n, generator=generator)
     cursor = 0
@@ -232,7 +234,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
         for name, quantizer in acts.items():
             learned[name].drop_prob, learned[name].generator = options.drop_prob, generator
             quantizer.qparams = learned[name]  # duck-typed: ActQuantizer calls fake_quantize
-        for it in range(options.iters):
+        for it in range(iters):
             if cursor + options.batch_size > n:
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx = order[cursor:cursor + options.batch_size]
@@ -243,7 +245,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
             soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
             loss = _relative_mse(functional_call(qunit, soft, (x,)), targets[idx])
             if weights and it >= warmup:
-                progress = (it - warmup) / max(1, options.iters - warmup)
+                progress = (it - warmup) / max(1, iters - warmup)
                 beta = options.beta[1] + (options.beta[0] - options.beta[1]) * (1.0 - progress)
                 reg = sum(w.regulariser(beta) for w in weights.values()) / n_weights
                 loss = loss + options.reg_weight * reg
@@ -273,7 +275,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
             quantizer.set_qparams(originals[name])
         changed, after = 0, before
     return {"error_before": before, "error_after": after, "codes_changed": changed,
-            "soft_at_end": undecided, "weights": n_weights, "reverted": reverted}
+            "soft_at_end": undecided, "weights": n_weights, "reverted": reverted, "iters": iters}
 
 
 def _set_codes(module: nn.Module, codes: Tensor) -> None:
@@ -308,12 +310,49 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
     if options.units == "blocks":  # the first block's input: the embedding of either model
         f_in, q_in = _run(_Embed(float_model), f_in), _run(_Embed(qmodel), q_in)
     stats: dict[str, Any] = {}
-    for name, q_unit in q_units:
+    step_s = _step_seconds(q_units, q_in, options) if options.time_budget is not None else None
+    for index, (name, q_unit) in enumerate(q_units):
+        iters = unit_iterations(options, time.perf_counter() - start, len(q_units) - index, step_s)
         f_out = _run(f_units[name], f_in)
-        stats[name] = reconstruct_unit(q_unit, f_units[name], q_in, f_in, f_out, options, generator)
+        unit_start = time.perf_counter()
+        stats[name] = reconstruct_unit(q_unit, f_units[name], q_in, f_in, f_out, options, generator, iters)
+        if not stats[name].get("skipped") and step_s is not None:
+            step_s = max(step_s, (time.perf_counter() - unit_start) / iters)
         q_in, f_in = _run(q_unit, q_in), f_out
     return {"units": stats, "time_s": time.perf_counter() - start, "images": len(f_in),
-            "iters": options.iters, "drop_prob": options.drop_prob}
+            "iters": options.iters, "drop_prob": options.drop_prob, "time_budget_s": options.time_budget,
+            "iters_run": {name: unit.get("iters", 0) for name, unit in stats.items()}}
 
 
-__all__ = ["reconstruct_model", "reconstruct_unit", "model_units", "unit_error"]
+MIN_BUDGET_ITERS = 10  # a unit never gets fewer Adam steps, whatever the budget
+
+
+def unit_iterations(options: ReconstructOptions, spent_s: float, units_left: int,
+                    step_s: Optional[float]) -> int:
+    """Adam steps for the next unit: ``options.iters``, or fewer so that the ``units_left``
+    units share what is left of ``options.time_budget`` evenly, given ``step_s`` seconds per
+    step (the slowest measured so far); never fewer than :data:`MIN_BUDGET_ITERS`."""
+    if options.time_budget is None or step_s is None:
+        return options.iters
+    share = max(0.0, options.time_budget - spent_s) / max(1, units_left)
+    return max(MIN_BUDGET_ITERS, min(options.iters, int(share / max(step_s, 1e-9))))
+
+
+@torch.inference_mode(False)
+@torch.enable_grad()
+def _step_seconds(q_units: list[tuple[str, nn.Module]], inputs: Tensor, options: ReconstructOptions) -> float:
+    """Seconds of one forward+backward of the first transformer block on a batch: the cost
+    of a step, measured before the budget is shared out (the embedding unit is cheaper)."""
+    blocks = [unit for name, unit in q_units if name.startswith("blocks.")] or [q_units[0][1]]
+    x = inputs[:options.batch_size]
+    if q_units[0][0] == "embed":
+        with torch.no_grad():
+            x = q_units[0][1](x)
+    x = x.detach().requires_grad_(True)
+    start = time.perf_counter()
+    blocks[0](x).pow(2).mean().backward()
+    return time.perf_counter() - start
+
+
+__all__ = ["reconstruct_model", "reconstruct_unit", "model_units", "unit_error", "unit_iterations",
+           "MIN_BUDGET_ITERS"]

@@ -30,3 +30,21 @@ def test_rotate_flag_turns_the_rotation_on(job_of):
                                           (("--softmax-log2",), "log2"), (("--softmax-grid", "log2"), "log2")])
 def test_softmax_grid_flag(job_of, flags, method):
     assert make_quant_config("vit", 4, 4, **job_of(*flags).switches).softmax.method == method
+
+
+def test_reconstruction_budget_flags(job_of):
+    cfg = make_quant_config("vit", 4, 4, **job_of("--reconstruct-iters", "40", "--time-budget", "12.5").switches)
+    assert cfg.reconstruct.enabled and cfg.reconstruct.iters == 40 and cfg.reconstruct.time_budget == 12.5
+    cfg8 = make_quant_config("vit", 8, 8, **job_of("--reconstruct-iters", "40").switches)
+    assert not cfg8.reconstruct.enabled and cfg8.reconstruct.iters == 40  # the recipe still decides
+    default = make_quant_config("vit", 4, 4, **job_of().switches)
+    assert default.reconstruct.iters == 100 and default.reconstruct.time_budget is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--time-budget", "0"), ("--time-budget", "nan"), ("--time-budget", "x"),
+                                   ("--reconstruct-iters", "0")])
+def test_bad_budget_values_are_one_line_errors(tmp_path, flags):
+    from tests.helpers import assert_one_line_error, run_cli
+    result = run_cli("post_training.py", "--model-path", str(tmp_path / "m.pth"), *flags)
+    assert_one_line_error(result, flags[0])

@@ -148,3 +148,33 @@ def test_cli_flag_maps_to_the_switch():
     args = build_parser().parse_args(["--model-path", "m.pth", "--reconstruct", "--recipe", "vit-recon"])
     assert args.reconstruct and args.recipe == "vit-recon"
     assert not build_parser().parse_args(["--model-path", "m.pth"]).reconstruct
+
+
+# ------------------------------------------------------------------ budget
+
+def test_budget_shares_what_is_left_and_never_goes_below_the_floor():
+    from bvvit.quant.reconstruct import MIN_BUDGET_ITERS, unit_iterations
+    options = ReconstructOptions(enabled=True, iters=100, time_budget=10.0)
+    assert unit_iterations(options, 0.0, 5, None) == 100  # nothing measured yet
+    assert unit_iterations(options, 0.0, 5, 0.01) == 100  # 2 s each: 200 steps fit, capped
+    assert unit_iterations(options, 6.0, 4, 0.05) == 20  # 1 s each
+    assert unit_iterations(options, 12.0, 2, 0.05) == MIN_BUDGET_ITERS  # over budget already
+    assert unit_iterations(ReconstructOptions(enabled=True, iters=50), 99.0, 1, 1.0) == 50  # no budget
+
+
+def test_time_budget_is_validated():
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ConfigError, match="time_budget"):
+            ReconstructOptions(enabled=True, time_budget=bad)
+    assert ReconstructOptions().iters == 100 and ReconstructOptions().time_budget is None
+
+
+def test_a_tiny_budget_cuts_the_steps_of_every_unit(model, calib):
+    from bvvit.quant.reconstruct import MIN_BUDGET_ITERS
+    cfg = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 60, "time_budget": 1e-3})
+    _, report = quantize_model(model, cfg, calib)
+    stats = report.extras["reconstruct"]
+    assert stats["time_budget_s"] == 1e-3
+    assert set(stats["iters_run"].values()) == {MIN_BUDGET_ITERS}
+    free = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 12})
+    assert set(quantize_model(model, free, calib)[1].extras["reconstruct"]["iters_run"].values()) == {12}
