@@ -33,6 +33,8 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, ...]] = {
     "onnxscript": ("onnxscript",),
     "safetensors": ("safetensors",),
     "matplotlib": ("matplotlib",),
+    "openvino": ("openvino",),
+    "nncf": ("nncf",),
 }
 
 

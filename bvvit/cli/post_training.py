@@ -132,7 +132,10 @@ def build_parser() -> OneLineParser:
                         "evaluation uses exactly the stored values (default fp16: half their bytes, "
                         "no measurable accuracy change on the demo model)")
     p.add_argument("--no-onnx", action="store_true",
-                   help="skip the ONNX export and ONNX Runtime int8 measurement")
+                   help="skip the deployment files (ONNX, OpenVINO IR) and their runtime measurements")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino", "all"], default=None,
+                   help="runtimes that evaluate and time the deployment files: onnxruntime, openvino "
+                        "(optional package; our W8A8 as OpenVINO IR) or all (default: every installed one)")
     p.add_argument("--analysis", choices=["none", "basic", "full"], default="basic",
                    help="basic (default): accuracy, size, time, per-class, confusion, histograms, "
                         "per-layer SQNR and report.html; full: also per-layer sensitivity; none: "
@@ -179,6 +182,7 @@ def build_parser() -> OneLineParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bvvit.ptq.job import PTQJob, run
+    from bvvit.ptq.onnx import resolve_runtimes
     from bvvit.quant.config import MAX_BITS, LayerOverride
     from bvvit.quant.recipes import RECIPES
     from bvvit.system import resolve_device
@@ -227,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
                  mp_candidates=tuple(args.mp_candidates), num_heads=args.num_heads,
                  model_format=args.model_format, preprocessing=tuple(args.preprocessing),
-                 onnx=not args.no_onnx, overwrite=args.overwrite)
+                 onnx=not args.no_onnx, runtimes=resolve_runtimes(args.runtime), overwrite=args.overwrite)
     if args.avg_bits is not None and args.max_weight_bytes is not None:
         raise ConfigError("give one mixed-precision budget: --avg-bits or --max-weight-bytes")
     if args.avg_bits is not None and not min(args.mp_candidates) <= args.avg_bits <= MAX_BITS:

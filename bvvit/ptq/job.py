@@ -82,6 +82,7 @@ class PTQJob:
     max_weight_bytes: Optional[int] = None  # ... or packed weight bytes
     mp_candidates: tuple[int, ...] = (4, 6, 8)
     onnx: bool = True  # export FP32/W8A8 ONNX and measure ONNX Runtime's integer kernels
+    runtimes: tuple[str, ...] = ()  # deploy runtimes measured (ptq.onnx.RUNTIMES); empty: every installed one
     overwrite: bool = False  # move a folder holding earlier results aside instead of continuing it
 
 

@@ -1,7 +1,8 @@
-"""The ONNX stage of a PTQ job: the FP32 and W8A8 models (and W4 weight-only when ONNX
-Runtime can run it) exported with our scales (:mod:`bvvit.quant.export`), evaluated and
-timed in ONNX Runtime's real integer kernels (:mod:`bvvit.runtime.onnxruntime`) beside
-PyTorch FP32 (:func:`export_and_measure`).
+"""The deployment stage of a PTQ job: the FP32 and W8A8 models (and W4 weight-only when ONNX
+Runtime can run it) exported with our scales (:mod:`bvvit.quant.export`, and for OpenVINO
+:mod:`bvvit.quant.export_openvino`), evaluated and timed in each installed runtime's real
+kernels (:mod:`bvvit.runtime.onnxruntime`, :mod:`bvvit.runtime.openvino`) beside PyTorch
+FP32 (:func:`export_and_measure`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from bvvit.config import Preprocessing
 from bvvit.distributed import DistInfo
-from bvvit.errors import BVViTError, WriteError
+from bvvit.errors import BVViTError, ConfigError, WriteError
 from bvvit.evaluate.classification import classification_metrics, collect_logits
 from bvvit.evaluate.latency import measure_interleaved
 from bvvit.io import WRITE_ERRNOS
@@ -28,7 +29,13 @@ from bvvit.metrics import agreement, sqnr_db
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.variants import Variant
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx, export_w4_weight_only_onnx
+from bvvit.quant.export_openvino import export_openvino_ir, float_attention_model
 from bvvit.runtime.onnxruntime import integer_op_report, make_session, matmul_nbits_error, numpy_fn, session_fn
+from bvvit.runtime.openvino import exec_graph_report, openvino_error, openvino_version
+from bvvit.runtime.openvino import inference_precision as ov_inference_precision
+from bvvit.runtime.openvino import make_session as ov_make_session
+from bvvit.runtime.openvino import numpy_fn as ov_numpy_fn
+from bvvit.runtime.openvino import session_fn as ov_session_fn
 from bvvit.system import system_info
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,8 @@ def onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Iter
                                     latency_runs=job.latency_runs,
                                     batch_sizes=job.latency_batches,
                                     qmodel_w4=w4.model if w4 else None,
-                                    measure_latency=info.is_main)
+                                    measure_latency=info.is_main,
+                                    runtimes=job.runtimes or installed_runtimes())
     except (BVViTError, OSError) as exc:
         failure = _write_failure(exc)
         if failure is None and not isinstance(exc, BVViTError):
@@ -66,15 +74,31 @@ def onnx_int8(variants: list[Variant], fp_logits: torch.Tensor, val_loader: Iter
         log.info(f"ONNX int8: skipped: {failure or exc}" + (f" ({exc})" if failure else ""))
         # a full disk is a failure of the run (reported at its end), not a limitation of the model
         return {"failed": True, "error": failure, "detail": str(exc)} if failure else None
-    acc = result["accuracy"]
-    log.info(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
-             f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
-             + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
-             + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')} "
-             f"({time.perf_counter() - start:.1f}s)")
-    if result["w8a8_fused"]["error"]:
-        log.info(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
+    _log_accuracy(result, time.perf_counter() - start)
     return result
+
+
+def _log_accuracy(result: Mapping[str, Any], seconds: float) -> None:
+    """One line per runtime: top-1 of each file against the simulated model it executes."""
+    acc = result["accuracy"]
+    if "ort_fp32" in acc:
+        log.info(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
+                 f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
+                 + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
+                 + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')}")
+        if result["w8a8_fused"]["error"]:
+            log.info(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
+    ov = result.get("openvino") or {}
+    if "ov_fp32" in acc:
+        line = f"OpenVINO {ov.get('version')}: fp32 file top-1 {acc['ov_fp32']['top1']:.2f}% ({ov.get('precision')})"
+        if "ov_w8a8" in acc:
+            line += (f", int8 IR top-1 {acc['ov_w8a8']['top1']:.2f}% (its simulated twin with float "
+                     f"attention {acc['pytorch_w8a8_sim_float_attention']['top1']:.2f}%), int8 matmuls: "
+                     f"{ov['exec_graph']['integer_matmuls']}")
+        log.info(line)
+    if ov.get("error"):
+        log.info(f"OpenVINO int8: not exported ({ov['error']})")
+    log.info(f"deployment files measured in {seconds:.1f}s")
 
 
 def _write_failure(exc: BaseException) -> Optional[str]:
@@ -108,6 +132,29 @@ def _batch_of(loader: Iterable, size: int) -> torch.Tensor:
     return x.repeat(repeats, 1, 1, 1)[:size].contiguous().float()
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The runtimes this machine can measure: ONNX Runtime (a core dependency) and OpenVINO
+    when its optional package imports."""
+    return tuple(r for r in RUNTIMES if r == "onnxruntime" or openvino_error() is None)
+
+
+def resolve_runtimes(choice: Optional[str]) -> tuple[str, ...]:
+    """``--runtime``: None = every installed runtime; ``all`` = both (each must be
+    installed); else the one named. ConfigError (one line) when a named one is missing."""
+    if choice is None:
+        return installed_runtimes()
+    wanted = RUNTIMES if choice == "all" else (choice,)
+    if any(r not in RUNTIMES for r in wanted):
+        raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)} or all, got {choice!r}")
+    if "openvino" in wanted and openvino_error():
+        raise ConfigError(f"--runtime {choice}: {openvino_error()} (or leave --runtime out to measure "
+                          "the installed runtimes only)")
+    return wanted
+
+
 def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, val_loader: Iterable,
                        out_dir: str | os.PathLike, preprocessing: Preprocessing | Mapping[str, Any],
                        class_names: Sequence[str], fp_logits: torch.Tensor,
@@ -116,142 +163,228 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
                        qmodel_w4: Optional[torch.nn.Module] = None, warmup: int = 5,
                        threads: Optional[int] = None,
                        max_batches: Optional[int] = None,
-                       measure_latency: bool = True) -> dict[str, Any]:
-    """Export FP32 / W8A8 (/ W4) ONNX into ``OUT/onnx/``, evaluate and time them.
+                       measure_latency: bool = True,
+                       runtimes: Sequence[str] = ("onnxruntime",)) -> dict[str, Any]:
+    """Export FP32 / W8A8 (/ W4) files into ``OUT/onnx/``, evaluate and time them in
+    ``runtimes`` (``onnxruntime``, ``openvino``).
 
     ``fp_logits`` / ``sim_w8a8_logits``: the PyTorch FP32 and simulated (fake-quant) W8A8
     logits over ``val_loader`` in its order (``max_batches`` batches of it, if given).
-    Latency is measured interleaved in this process (:func:`measure_interleaved`), ORT with
-    ``threads`` intra-op threads (default: torch's thread count, so both runtimes get the same).
+    Latency is measured interleaved in this process (:func:`measure_interleaved`), every
+    runtime with ``threads`` threads (default: torch's thread count, so all get the same).
 
     Returns a JSON-serialisable dict:
 
-    - ``files``: variant -> path of the .onnx file (``fp32``, ``w8a8``, ``w8a8_fused`` (the
+    - ``files``: variant -> path (``fp32``; ONNX Runtime: ``w8a8``, ``w8a8_fused`` (the
       same W8A8 Linears, each block's qkv + attention one QAttention node, attention in float:
-      the fastest file), ``w4`` when exported)
-    - ``size_bytes``: variant -> file size; ``size_ratio_to_fp32``: variant -> size / fp32 size
-    - ``accuracy``: variant (``pytorch_fp32``, ``pytorch_w8a8_sim``, ``ort_fp32``, ``ort_w8a8``,
-      ``ort_w8a8_fused``, ``ort_w4``) -> ``{"top1", "agreement"}`` (percent, agreement with FP32),
-      ``lost_vs_fp32`` / ``gained_vs_fp32`` (images) and ``drop_p_value`` (McNemar); ort_w8a8 adds
-      ``agreement_with_sim`` and ``sqnr_db_vs_sim``, ort_fp32 ``max_abs_diff_vs_pytorch``
-    - ``checks``: ``fp32_top1_delta`` (ORT - PyTorch, points), ``fp32_within_0.01``,
-      ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops`` (bool)
+      its fastest file), ``w4`` when exported; OpenVINO: ``ov_w8a8``, the IR ``.xml`` of
+      :func:`bvvit.quant.export_openvino.export_openvino_ir`)
+    - ``size_bytes``: variant -> file size (an IR: .xml + .bin); ``size_ratio_to_fp32``
+    - ``accuracy``: ``pytorch_fp32``, ``pytorch_w8a8_sim`` and each measured session
+      (``ort_fp32``, ``ort_w8a8``, ``ort_w8a8_fused``, ``ort_w4``; ``ov_fp32`` at OpenVINO's
+      default precision, ``ov_fp32_f32`` when that default is not f32, ``ov_w8a8``, and its
+      reference ``pytorch_w8a8_sim_float_attention``) -> ``{"top1", "agreement"}`` (percent,
+      agreement with FP32), ``lost_vs_fp32`` / ``gained_vs_fp32`` (images) and ``drop_p_value``
+      (McNemar); the int8 sessions add ``compared_to`` (the simulated model with the same
+      quantizers), ``agreement_with_sim`` and ``sqnr_db_vs_sim``; float sessions
+      ``max_abs_diff_vs_pytorch``
+    - ``checks``: ONNX Runtime ``fp32_top1_delta``, ``fp32_within_0.01``,
+      ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops``; OpenVINO
+      ``ov_w8a8_top1_delta_vs_sim``, ``ov_w8a8_within_0.1``, ``ov_w8a8_integer_ops``
     - ``integer_ops``: :func:`integer_op_report` of the W8A8 graph as ORT optimized it
-    - ``w4``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``; ``w8a8_fused``:
-      ``{"exported": bool, "error": str | None, "integer_ops": {...}}``
-    - ``latency`` (empty with ``measure_latency=False``): list of rows ``{"name", "batch_size", "median_ms", "p90_ms", "runs",
-      "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32"}``; names are
-      ``pytorch_fp32``, ``ort_fp32``, ``ort_w8a8`` (, ``ort_w8a8_fused``, ``ort_w4``)
-    - ``threads``: ``{"torch", "onnxruntime"}``; ``system``: :func:`system_info`;
-      ``num_images``; ``onnxruntime_version``; ``exporter``
+    - ``w4`` / ``w8a8_fused``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``;
+      ``openvino``: ``{"exported", "error", "precision" (of its float layers), "exec_graph"
+      (:func:`bvvit.runtime.openvino.exec_graph_report` of the int8 IR), "version"}``
+    - ``latency`` (empty with ``measure_latency=False``): rows ``{"name", "kind", "batch_size",
+      "median_ms", "p90_ms", "runs", "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32"}``
+      for ``pytorch_fp32`` and each session above
+    - ``runtimes``; ``threads``: ``{"torch", "onnxruntime", "openvino"}``; ``system``:
+      :func:`system_info`; ``num_images``; ``onnxruntime_version``; ``exporter``
     """
     onnx_dir = Path(out_dir) / "onnx"
     threads = int(threads or torch.get_num_threads())
-    files = {"fp32": onnx_dir / "vit_fp32.onnx", "w8a8": onnx_dir / "vit_w8a8.onnx"}
+    use_ort, use_ov = "onnxruntime" in runtimes, "openvino" in runtimes
+    files = {"fp32": onnx_dir / "vit_fp32.onnx"}
     export_float_onnx(fp_model, files["fp32"], preprocessing, class_names)
-    export_qdq_onnx(qmodel_w8a8, files["w8a8"], preprocessing, class_names)
     fused: dict[str, Any] = {"exported": False, "error": None}
-    try:
-        files["w8a8_fused"] = export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8_fused_attention.onnx",
-                                              preprocessing, class_names, attention="fused")
-        fused["exported"] = True
-    except BVViTError as exc:
-        fused["error"] = str(exc)
     w4: dict[str, Any] = {"exported": False, "error": None}
-    if qmodel_w4 is not None:
-        w4["error"] = matmul_nbits_error()
-    if qmodel_w4 is not None and w4["error"] is None:
-        try:
-            files["w4"] = export_w4_weight_only_onnx(qmodel_w4, onnx_dir / "vit_w4_weight_only.onnx",
-                                                     preprocessing, class_names)
-            w4["exported"] = True
-        except BVViTError as exc:
-            w4["error"] = str(exc)
+    ov: dict[str, Any] = {"exported": False, "error": None}
+    if use_ort:
+        files["w8a8"] = export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8.onnx", preprocessing, class_names)
+        fused = _export_optional(lambda: export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8_fused_attention.onnx",
+                                                         preprocessing, class_names, attention="fused"),
+                                 files, "w8a8_fused")
+        w4["error"] = matmul_nbits_error() if qmodel_w4 is not None else None
+        if qmodel_w4 is not None and w4["error"] is None:
+            w4 = _export_optional(lambda: export_w4_weight_only_onnx(qmodel_w4, onnx_dir / "vit_w4_weight_only.onnx",
+                                                                     preprocessing, class_names), files, "w4")
+    if use_ov:
+        ov = _export_optional(lambda: export_openvino_ir(qmodel_w8a8, onnx_dir / "vit_w8a8_openvino.xml",
+                                                         preprocessing, class_names), files, "ov_w8a8")
 
-    # No spinning: a pool spinning after its run steals the cores from the next variant.
-    sessions = {name: make_session(path, threads=threads, allow_spinning=False)
-                for name, path in files.items()}
-    with tempfile.TemporaryDirectory() as folder:
-        optimized = Path(folder) / "w8a8_optimized.onnx"
-        make_session(files["w8a8"], threads=threads, optimized_model_path=optimized)
-        int_report = integer_op_report(optimized)
-        if "w8a8_fused" in files:
-            fused_optimized = Path(folder) / "w8a8_fused_optimized.onnx"
-            make_session(files["w8a8_fused"], threads=threads, optimized_model_path=fused_optimized)
-            fused["integer_ops"] = integer_op_report(fused_optimized)["integer_ops"]
-        if "w4" in files:
-            w4_optimized = Path(folder) / "w4_optimized.onnx"
-            make_session(files["w4"], threads=threads, optimized_model_path=w4_optimized)
-            w4["integer_ops"] = integer_op_report(w4_optimized)["integer_ops"]
+    # name -> (torch-in/torch-out callable for evaluation, numpy callable for timing)
+    runners: dict[str, tuple[Callable, Callable]] = {}
+    int_report: dict[str, Any] = {}
+    if use_ort:
+        # No spinning: a pool spinning after its run steals the cores from the next variant.
+        for name in ("fp32", "w8a8", "w8a8_fused", "w4"):
+            if name in files:
+                session = make_session(files[name], threads=threads, allow_spinning=False)
+                runners[f"ort_{name}"] = (session_fn(session), numpy_fn(session))
+        int_report = _ort_integer_reports(files, threads, fused, w4)
+    if use_ov:
+        _add_openvino_sessions(files, threads, ov, runners)
 
+    if not runners:
+        raise ValueError(f"no runtime to measure in {list(runtimes)}; choose from {RUNTIMES}")
     logits = {}
-    labels = None
-    for name, session in sessions.items():
-        logits[name], labels = collect_logits(session_fn(session), val_loader, max_batches=max_batches)
+    for name, (evaluate_fn, _) in runners.items():
+        logits[name], labels = collect_logits(evaluate_fn, val_loader, max_batches=max_batches)
     fp_logits, sim_logits = torch.as_tensor(fp_logits).float(), torch.as_tensor(sim_w8a8_logits).float()
-    if fp_logits.shape != logits["fp32"].shape or sim_logits.shape != logits["fp32"].shape:
+    shape = next(iter(logits.values())).shape
+    if fp_logits.shape != shape or sim_logits.shape != shape:
         raise ValueError(f"fp_logits {tuple(fp_logits.shape)} / sim_w8a8_logits "
-                         f"{tuple(sim_logits.shape)} do not match the loader's "
-                         f"{tuple(logits['fp32'].shape)}")
+                         f"{tuple(sim_logits.shape)} do not match the loader's {tuple(shape)}")
     accuracy = {
         "pytorch_fp32": _vs_fp32(fp_logits, fp_logits, labels),
         "pytorch_w8a8_sim": _vs_fp32(sim_logits, fp_logits, labels),
     }
-    for name in files:
-        accuracy[f"ort_{name}"] = _vs_fp32(logits[name], fp_logits, labels)
-    accuracy["ort_fp32"]["max_abs_diff_vs_pytorch"] = float((logits["fp32"] - fp_logits).abs().max())
-    accuracy["ort_w8a8"]["agreement_with_sim"] = agreement(sim_logits, logits["w8a8"])
-    accuracy["ort_w8a8"]["sqnr_db_vs_sim"] = _finite(sqnr_db(sim_logits, logits["w8a8"]))
-    fp_delta = accuracy["ort_fp32"]["top1"] - accuracy["pytorch_fp32"]["top1"]
-    w8_delta = accuracy["ort_w8a8"]["top1"] - accuracy["pytorch_w8a8_sim"]["top1"]
+    references = {"ort_w8a8": ("pytorch_w8a8_sim", sim_logits)}
+    if "ov_w8a8" in logits:
+        twin_logits = collect_logits(float_attention_model(qmodel_w8a8), val_loader, max_batches=max_batches)[0]
+        accuracy["pytorch_w8a8_sim_float_attention"] = _vs_fp32(twin_logits, fp_logits, labels)
+        references["ov_w8a8"] = ("pytorch_w8a8_sim_float_attention", twin_logits)
+    for name, values in logits.items():
+        accuracy[name] = _vs_fp32(values, fp_logits, labels)
+        if name in ("ort_fp32", "ov_fp32", "ov_fp32_f32"):
+            accuracy[name]["max_abs_diff_vs_pytorch"] = float((values - fp_logits).abs().max())
+        if name in references:
+            reference, ref_logits = references[name]
+            accuracy[name]["compared_to"] = reference
+            accuracy[name]["agreement_with_sim"] = agreement(ref_logits, values)
+            accuracy[name]["sqnr_db_vs_sim"] = _finite(sqnr_db(ref_logits, values))
+    checks = _checks(accuracy, int_report, ov)
 
-    sizes = {name: path.stat().st_size for name, path in files.items()}
-    latency = _interleaved_latency(fp_model, sessions, val_loader, batch_sizes, warmup,
-                                   latency_runs) if measure_latency else []
+    sizes = {name: _file_bytes(path) for name, path in files.items()}
+    latency = _interleaved_latency(fp_model, {name: fn for name, (_, fn) in runners.items()}, val_loader,
+                                   batch_sizes, warmup, latency_runs) if measure_latency else []
     return {
         "files": {name: str(path) for name, path in files.items()},
         "size_bytes": sizes,
         "size_ratio_to_fp32": {name: size / sizes["fp32"] for name, size in sizes.items()},
         "accuracy": accuracy,
         "num_images": int(labels.numel()),
-        "checks": {"fp32_top1_delta": fp_delta, "fp32_within_0.01": abs(fp_delta) <= 0.01,
-                   "w8a8_top1_delta_vs_sim": w8_delta, "w8a8_within_0.3": abs(w8_delta) <= 0.3,
-                   "w8a8_integer_ops": bool(int_report["ok"])},
+        "checks": checks,
         "integer_ops": int_report,
         "w4": w4,
         "w8a8_fused": fused,
+        "openvino": ov,
         "latency": latency,
-        "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads},
+        "runtimes": list(runtimes),
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads if use_ort else None,
+                    "openvino": threads if use_ov else None},
         "system": system_info(),
         "onnxruntime_version": ort.__version__,
         "exporter": "torch.onnx.export (TorchScript, dynamo=False), opset 17, QDQ",
     }
 
 
-def _interleaved_latency(fp_model: torch.nn.Module, sessions: Mapping[str, ort.InferenceSession],
+def _export_optional(export: Callable[[], Path], files: dict[str, Path], key: str) -> dict[str, Any]:
+    """Run one export whose refusal (a BVViTError: the model does not fit that form) is
+    recorded, not raised: ``{"exported", "error"}``; the file goes into ``files[key]``."""
+    try:
+        files[key] = export()
+    except BVViTError as exc:
+        return {"exported": False, "error": str(exc)}
+    return {"exported": True, "error": None}
+
+
+def _ort_integer_reports(files: Mapping[str, Path], threads: int, fused: dict[str, Any],
+                         w4: dict[str, Any]) -> dict[str, Any]:
+    """The W8A8 graph's :func:`integer_op_report` as ORT optimized it (the fused and W4
+    files' integer ops go into ``fused`` / ``w4``)."""
+    with tempfile.TemporaryDirectory() as folder:
+        reports = {}
+        for name in ("w8a8", "w8a8_fused", "w4"):
+            if name in files:
+                optimized = Path(folder) / f"{name}_optimized.onnx"
+                make_session(files[name], threads=threads, optimized_model_path=optimized)
+                reports[name] = integer_op_report(optimized)
+    for name, record in (("w8a8_fused", fused), ("w4", w4)):
+        if name in reports:
+            record["integer_ops"] = reports[name]["integer_ops"]
+    return reports["w8a8"]
+
+
+def _add_openvino_sessions(files: Mapping[str, Path], threads: int, ov: dict[str, Any],
+                           runners: dict[str, tuple[Callable, Callable]]) -> None:
+    """OpenVINO sessions: the FP32 file at the CPU's default precision (``ov_fp32``) and at
+    f32 when that default is lower (``ov_fp32_f32``), and our int8 IR (``ov_w8a8``)."""
+    default = ov_make_session(files["fp32"], threads=threads)
+    ov["precision"] = ov_inference_precision(default)
+    ov["version"] = openvino_version()
+    sessions = {"ov_fp32": default}
+    if ov["precision"] != "f32":
+        sessions["ov_fp32_f32"] = ov_make_session(files["fp32"], threads=threads, precision="f32")
+    if "ov_w8a8" in files:
+        sessions["ov_w8a8"] = ov_make_session(files["ov_w8a8"], threads=threads)
+        ov["exec_graph"] = exec_graph_report(sessions["ov_w8a8"])
+    for name, session in sessions.items():
+        runners[name] = (ov_session_fn(session), ov_numpy_fn(session))
+
+
+def _checks(accuracy: Mapping[str, Any], int_report: Mapping[str, Any], ov: Mapping[str, Any]) -> dict[str, Any]:
+    """Each real runtime against the PyTorch model it executes."""
+    checks: dict[str, Any] = {}
+    if "ort_fp32" in accuracy:
+        fp_delta = accuracy["ort_fp32"]["top1"] - accuracy["pytorch_fp32"]["top1"]
+        checks.update({"fp32_top1_delta": fp_delta, "fp32_within_0.01": abs(fp_delta) <= 0.01})
+    if "ort_w8a8" in accuracy:
+        w8_delta = accuracy["ort_w8a8"]["top1"] - accuracy["pytorch_w8a8_sim"]["top1"]
+        checks.update({"w8a8_top1_delta_vs_sim": w8_delta, "w8a8_within_0.3": abs(w8_delta) <= 0.3,
+                       "w8a8_integer_ops": bool(int_report.get("ok"))})
+    if "ov_w8a8" in accuracy:
+        delta = accuracy["ov_w8a8"]["top1"] - accuracy["pytorch_w8a8_sim_float_attention"]["top1"]
+        checks.update({"ov_w8a8_top1_delta_vs_sim": delta, "ov_w8a8_within_0.1": abs(delta) <= 0.1,
+                       "ov_w8a8_integer_ops": bool((ov.get("exec_graph") or {}).get("ok"))})
+    return checks
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of an exported file (an OpenVINO IR counts its .xml and .bin)."""
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        size += path.with_suffix(".bin").stat().st_size
+    return size
+
+
+KINDS = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer", "ort_w8a8_fused": "integer",
+         "ort_w4": "weight_only_int4", "ov_fp32": "float", "ov_fp32_f32": "float", "ov_w8a8": "integer"}
+
+
+def _interleaved_latency(fp_model: torch.nn.Module, sessions: Mapping[str, Callable[[np.ndarray], Any]],
                          loader: Iterable, batch_sizes: Sequence[int], warmup: int,
                          runs: int) -> list[dict[str, Any]]:
+    """Every session (numpy callables) and PyTorch FP32, timed round-robin."""
     fp_model = fp_model.eval()
-    fns: dict[str, Callable[[Any], Any]] = {"pytorch_fp32": fp_model}
-    to_input: dict[str, Callable[[torch.Tensor], Any]] = {}
-    for name, session in sessions.items():
-        fns[f"ort_{name}"] = numpy_fn(session)
-        to_input[f"ort_{name}"] = lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    fns: dict[str, Callable[[Any], Any]] = {"pytorch_fp32": fp_model, **sessions}
+    to_input = {name: (lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)) for name in sessions}
     inputs = {int(b): _batch_of(loader, int(b)) for b in batch_sizes}
-    kinds = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer",
-             "ort_w8a8_fused": "integer", "ort_w4": "weight_only_int4"}
     results = measure_interleaved(fns, inputs, warmup=warmup, runs=max(10, runs),
-                                  kinds={k: v for k, v in kinds.items() if k in fns}, to_input=to_input)
+                                  kinds={k: v for k, v in KINDS.items() if k in fns}, to_input=to_input)
     base = {(r.name, r.batch_size): r.median_ms for r in results}
-    return [{"name": r.name, "kind": r.kind, "batch_size": r.batch_size, "median_ms": r.median_ms,
-             "p90_ms": r.p90_ms, "runs": r.runs, "warmup": r.warmup,
-             "speedup_vs_pytorch_fp32": base[("pytorch_fp32", r.batch_size)] / r.median_ms,
-             "speedup_vs_ort_fp32": base[("ort_fp32", r.batch_size)] / r.median_ms}
-            for r in results]
+    rows = []
+    for r in results:
+        ort_fp32 = base.get(("ort_fp32", r.batch_size))
+        rows.append({"name": r.name, "kind": r.kind, "batch_size": r.batch_size, "median_ms": r.median_ms,
+                     "p90_ms": r.p90_ms, "runs": r.runs, "warmup": r.warmup,
+                     "speedup_vs_pytorch_fp32": base[("pytorch_fp32", r.batch_size)] / r.median_ms,
+                     "speedup_vs_ort_fp32": ort_fp32 / r.median_ms if ort_fp32 else None})
+    return rows
 
 
 def _finite(value: float) -> float | str:
     return value if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-__all__ = ["onnx_int8", "export_and_measure"]
+__all__ = ["onnx_int8", "export_and_measure", "installed_runtimes", "resolve_runtimes", "RUNTIMES", "KINDS"]

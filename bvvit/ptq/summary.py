@@ -1,5 +1,5 @@
 """The results of a PTQ job: one row per variant (:data:`SUMMARY_COLUMNS`, the columns of
-summary.csv), the rows of the ONNX Runtime variants, ``summary.json`` / ``summary.csv`` and
+summary.csv), the rows of the deployment files in ONNX Runtime and OpenVINO, ``summary.json`` / ``summary.csv`` and
 the console table.
 """
 
@@ -22,7 +22,9 @@ SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_d
                    "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s", "softmax_grid"]
 NOTES = {
     "kernel": "'simulated' = fake-quant in float (accuracy is exact for the integer model, "
-              "latency is NOT an integer-kernel speed); 'float' = the FP32 model",
+              "latency is NOT an integer-kernel speed); 'float' = the FP32 model; 'onnxruntime-*' / "
+              "'openvino-*' = the exported file in that runtime (openvino-int8: int8 matmuls, the other "
+              "layers at OpenVINO's default float precision; openvino-bf16 / -f32: the FP32 file)",
     "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
                   "weights for quantized variants; the float32 state dict for fp32)",
     "softmax_grid": "grid of the attention probabilities: uniform, log2 or log-sqrt2 (chosen per "
@@ -65,20 +67,25 @@ def softmax_grid_of(v: Variant) -> Optional[str]:
 
 
 def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
-    """summary.csv rows for the ONNX Runtime variants (real kernels)."""
-    names = {"fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "ort_fp32"),
-             "w8a8": ("onnx-w8a8", 8, 8, "onnxruntime-int8", "ort_w8a8"),
-             "w8a8_fused": ("onnx-w8a8-fused-attention", 8, 8, "onnxruntime-int8-qattention",
-                            "ort_w8a8_fused"),
-             "w4": ("onnx-w4", 4, 32, "onnxruntime-int4-weight-only", "ort_w4")}
+    """summary.csv rows for the deployment files in their runtimes (real kernels)."""
+    float_precision = (result.get("openvino") or {}).get("precision", "default")
+    # session -> (row name, w_bits, a_bits, kernel, file, recipe)
+    names = {"ort_fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "fp32", "onnx"),
+             "ort_w8a8": ("onnx-w8a8", 8, 8, "onnxruntime-int8", "w8a8", "onnx"),
+             "ort_w8a8_fused": ("onnx-w8a8-fused-attention", 8, 8, "onnxruntime-int8-qattention",
+                                "w8a8_fused", "onnx"),
+             "ort_w4": ("onnx-w4", 4, 32, "onnxruntime-int4-weight-only", "w4", "onnx"),
+             "ov_fp32": ("openvino-fp32", 32, 32, f"openvino-{float_precision}", "fp32", "openvino"),
+             "ov_fp32_f32": ("openvino-fp32-f32", 32, 32, "openvino-f32", "fp32", "openvino"),
+             "ov_w8a8": ("openvino-w8a8", 8, 8, "openvino-int8", "ov_w8a8", "openvino")}
     latency = {(r["name"], r["batch_size"]): r["median_ms"] for r in result.get("latency", [])}
     rows = []
-    for key, (name, w_bits, a_bits, kernel, acc_key) in names.items():
-        if key not in result.get("files", {}) or acc_key not in result.get("accuracy", {}):
+    for acc_key, (name, w_bits, a_bits, kernel, file_key, recipe) in names.items():
+        if file_key not in result.get("files", {}) or acc_key not in result.get("accuracy", {}):
             continue
         acc = result["accuracy"][acc_key]
-        size = result["size_bytes"].get(key)
-        rows.append({"name": name, "w_bits": w_bits, "a_bits": a_bits, "recipe": "onnx",
+        size = result["size_bytes"].get(file_key)
+        rows.append({"name": name, "w_bits": w_bits, "a_bits": a_bits, "recipe": recipe,
                      "top1": round(acc["top1"], 4), "top5": None,
                      "top1_drop": round(fp_top1 - acc["top1"], 4),
                      "agreement": round(acc.get("agreement", float("nan")), 4),

@@ -65,7 +65,7 @@ from bvvit.quant.primitives import PerGroup
 
 # ------------------------------------------------------------------------ export twin
 
-class _QDQ(nn.Module):
+class QDQ(nn.Module):
     """One activation quantizer as a fake-quant op the exporter writes as Q -> DQ."""
 
     def __init__(self, quantizer: ActQuantizer):
@@ -80,7 +80,7 @@ class _QDQ(nn.Module):
                                                      self.qmin, self.qmax)
 
 
-def _weight_fake_quant(codes: Tensor, module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+def weight_fake_quant(codes: Tensor, module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """(float weight (in, out), per-out-channel scale (out,), zero point (out,)) of a
     quantized weight whose codes are ``(out, fan_in)``."""
     qp = module.weight_qparams
@@ -97,7 +97,7 @@ class _QDQLinear(nn.Module):
     def __init__(self, layer: QuantLinear | QuantConv2d, input_qdq: Optional[nn.Module]):
         super().__init__()
         codes = layer.weight_codes.reshape(layer.weight_codes.shape[0], -1)  # (out, fan_in)
-        weight_t, scale, zero_point = _weight_fake_quant(codes, layer)
+        weight_t, scale, zero_point = weight_fake_quant(codes, layer)
         self.register_buffer("weight_t", weight_t)  # (in, out)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero_point)
@@ -272,7 +272,7 @@ def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTra
     for name, module in list(twin.named_modules()):
         if isinstance(module, ActQuantizer):
             keep = module.state == QUANTIZE and not (attention != "int8" and module.kind in ATTENTION_KINDS)
-            twin.set_submodule(name, _QDQ(module) if keep else nn.Identity())
+            twin.set_submodule(name, QDQ(module) if keep else nn.Identity())
     return twin
 
 
@@ -280,7 +280,7 @@ def _qdq_of(layer: nn.Module) -> Optional[nn.Module]:
     quantizer = layer.input_quantizer
     if quantizer is None or quantizer.state != QUANTIZE:
         return None
-    return _QDQ(quantizer)
+    return QDQ(quantizer)
 
 
 def _no_padding(padding: Any) -> bool:
@@ -454,5 +454,5 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
 
 
 __all__ = ["export_float_onnx", "fuse_integer_linears", "export_qdq_onnx", "export_w4_weight_only_onnx", "export_twin",
-           "unsupported_for_int8", "fold_constant_quantize", "matmul_nbits_tensors",
+           "unsupported_for_int8", "QDQ", "weight_fake_quant", "ATTENTION_KINDS", "fold_constant_quantize", "matmul_nbits_tensors",
            "metadata_for", "DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ONNX_FORMAT"]

@@ -11,7 +11,9 @@ runtime (OpenVINO, TensorRT, ...) placed beside it offers under the same names:
 - ``numpy_fn(session)``: the cheapest call for :func:`bvvit.evaluate.latency.measure_interleaved`;
 - ``optimized_op_report(path)``: which kernels the runtime really runs (integer or float).
 
-The PTQ job's ONNX stage (:mod:`bvvit.ptq.onnx`) exports the files, then evaluates and times
-them through these functions. A runtime imports no stage but ``evaluate`` (and the leaf
+:mod:`bvvit.runtime.openvino` offers the same for OpenVINO (an optional package, imported
+lazily; ``precision`` picks the float precision of the layers that are not quantized).
+The PTQ job's deployment stage (:mod:`bvvit.ptq.onnx`) exports the files, then evaluates and
+times them through these functions in every runtime of ``--runtime``. A runtime imports no stage but ``evaluate`` (and the leaf
 helpers); tests/test_import_rules.py enforces it.
 """

@@ -1,6 +1,7 @@
 """post_training.py end to end on a tiny model, and its one-line errors."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -30,6 +31,12 @@ def test_end_to_end(trained, tmp_path):
     assert onnx["onnx-fp32"]["kernel"] == "onnxruntime-float"
     assert (tmp_path / "onnx" / "vit_w8a8.onnx").is_file()
     assert abs(float(onnx["onnx-fp32"]["top1"]) - float(rows[0]["top1"])) <= 0.01
+    if importlib.util.find_spec("openvino"):  # every installed runtime by default
+        assert onnx["openvino-w8a8"]["kernel"] == "openvino-int8"
+        assert (tmp_path / "onnx" / "vit_w8a8_openvino.xml").is_file()
+        assert float(onnx["openvino-w8a8"]["latency_ms_b64"]) > 0
+        ov_checks = json.loads((tmp_path / "summary.json").read_text())["onnx"]["checks"]
+        assert ov_checks["ov_w8a8_integer_ops"]
     assert (tmp_path / "report.html").is_file()
     for column in ("name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
                    "sqnr_db", "size_bytes", "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel"):
