@@ -16,10 +16,11 @@ demo model with the exec graph and ``PERF_COUNT``; docs/BENCHMARKS.md):
    integer codes are unchanged), dropping one multiply per block;
 3. the proj input's Q/DQ sits right after ``attn @ v`` (per tensor, so the same values):
    OpenVINO fuses it into the attention kernel, which then writes u8;
-4. the class-token row is made by padding the patch tokens with one zero patch (its
-   projection is exactly the patch bias, 0 being on every activation grid) and the class
-   token, positional embedding and minus that bias are folded into one constant; the class
-   token is taken before the final LayerNorm (it is per token). No Concat/Broadcast/ShapeOf.
+4. the prefix-token rows (class, distillation) are made by padding the patch tokens with zero
+   patches (their projection is exactly the patch bias, 0 being on every activation grid)
+   and each token, its positional embedding and minus that bias are folded into one
+   constant; with a class-token head, only that token goes through the final LayerNorm (it is
+   per token). No Concat/Broadcast/ShapeOf.
 
 The file users deploy is OpenVINO IR (``.xml`` + ``.bin``: int8 weight constants, float
 biases/LayerNorm/positions) converted from that QDQ ONNX graph, with the same metadata as
@@ -150,22 +151,34 @@ class OpenVINOTwin(nn.Module):
         self.grid, self.patch, self.in_chans = embed.grid_size, embed.patch_size, qmodel.config.in_chans
         self.image_qdq = _qdq(getattr(conv, "input_quantizer", None))
         self.patch_linear = _Linear(conv, nn.Identity())
-        # Row 0 of the padded patch matrix is a zero patch: its projection is exactly the bias.
+        # Rows 0..P-1 of the padded patch matrix are zero patches: their projection is exactly
+        # the bias, so each prefix token (class, distillation) + its position - bias is a constant.
+        self.num_prefix = qmodel.num_prefix_tokens
         pos = qmodel.pos_embed.detach().clone().float()
-        pos[:, 0] += qmodel.cls_token.detach().reshape(-1).float()
-        if self.patch_linear.bias is not None:
-            pos[:, 0] -= self.patch_linear.bias
+        prefix = [t for t in (qmodel.cls_token, qmodel.dist_token) if t is not None]
+        for i, token in enumerate(prefix):
+            pos[:, i] += token.detach().reshape(-1).float()
+            if self.patch_linear.bias is not None:
+                pos[:, i] -= self.patch_linear.bias
         self.register_buffer("pos", pos)
         self.blocks = nn.Sequential(*[_Block(block) for block in qmodel.blocks])
-        self.norm = qmodel.norm
-        self.head = _Linear(qmodel.head, _qdq(getattr(qmodel.head, "input_quantizer", None)))
+        self.norm, self.fc_norm = qmodel.norm, qmodel.fc_norm  # one of them is an Identity
+        self.global_pool = qmodel.config.global_pool
+        self.heads = nn.ModuleList(_Linear(head, _qdq(getattr(head, "input_quantizer", None)))
+                                   for head in (getattr(qmodel, name) for name in qmodel.head_names))
 
     def forward(self, x: Tensor) -> Tensor:
         g, p, c = self.grid, self.patch, self.in_chans
         x = self.image_qdq(x).reshape(-1, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, g * g, c * p * p)
-        tokens = self.patch_linear(F.pad(x, (0, 0, 1, 0))) + self.pos  # (B, 1 + N, D)
-        tokens = self.blocks(tokens)
-        return self.head(self.norm(tokens[:, 0]))
+        if self.num_prefix:
+            x = F.pad(x, (0, 0, self.num_prefix, 0))
+        tokens = self.blocks(self.patch_linear(x) + self.pos)  # (B, P + N, D)
+        if len(self.heads) == 2:  # distilled: class and distillation token, the mean of both heads
+            pooled = self.fc_norm(self.norm(tokens[:, :2]))
+            return (self.heads[0](pooled[:, 0]) + self.heads[1](pooled[:, 1])) / 2
+        if self.global_pool == "avg":  # the final norm is per token: before the mean unless fc_norm
+            return self.heads[0](self.fc_norm(self.norm(tokens)[:, self.num_prefix:].mean(dim=1)))
+        return self.heads[0](self.fc_norm(self.norm(tokens[:, 0])))  # per token: only the class token
 
 
 def openvino_twin(qmodel: VisionTransformer) -> OpenVINOTwin:

@@ -3,6 +3,7 @@ matches its simulated twin, runs its matmuls as int8 kernels, carries the metada
 evaluated and timed beside ONNX Runtime in the PTQ job's deployment stage. Skipped without
 the optional openvino package (CI installs it)."""
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from bvvit.quant.modules import OFF, QUANTIZE, ActQuantizer, weight_modules
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
 from bvvit.runtime import openvino as ov_runtime
-from tests.quant.tiny import noise_loader
+from bvvit.model import VisionTransformer
+from tests.quant.tiny import QUANT_CFG, noise_loader
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="the optional openvino package is not installed")
@@ -55,7 +57,15 @@ def test_twin_turns_off_exactly_the_attention_quantizers(qmodel):
     assert all(m.state == QUANTIZE for m in qmodel.modules() if isinstance(m, ActQuantizer))  # original kept
 
 
-def test_export_graph_computes_the_float_attention_twin(qmodel, images):
+@pytest.mark.parametrize("head", ["token", "avg", "avg_fc_norm", "distilled", "avg_no_class_token"])
+def test_export_graph_computes_the_float_attention_twin(qmodel, images, head):
+    if head != "token":
+        fields = {"avg": dict(global_pool="avg"), "avg_fc_norm": dict(global_pool="avg", fc_norm=True),
+                  "distilled": dict(dist_token=True, head_dist=True),
+                  "avg_no_class_token": dict(global_pool="avg", class_token=False)}[head]
+        torch.manual_seed(0)
+        model = VisionTransformer(dataclasses.replace(QUANT_CFG, **fields)).eval()
+        qmodel = quantize_model(model, make_quant_config("mse", 8, 8), noise_loader(32, batch_size=32))[0]
     with torch.no_grad():
         expected = float_attention_model(qmodel)(images)
         got = openvino_twin(qmodel)(images)
