@@ -105,6 +105,9 @@ def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calib_indices: 
         "bvvit_version": __version__,
         "model_path": str(job.model_path),
         "model_config": loaded.config.to_dict(),
+        "model_format": loaded.source_format,  # bvvit | timm | hf | torchvision
+        "load_notes": list(loaded.notes),  # what loading it assumed, one line each
+        "preprocessing": loaded.preprocessing.to_dict(),  # the evaluation transform, as deployed
         "class_names": loaded.class_names,
         "data": data_desc,
         "num_eval_images": variants[0].metrics["num_images"],

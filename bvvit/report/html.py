@@ -108,15 +108,30 @@ def collect_warnings(summary: dict[str, Any]) -> list[str]:
     return [f"{text} ({', '.join(names)})" for text, names in seen.items()]
 
 
+def preprocessing_text(pre: Optional[dict[str, Any]]) -> str:
+    """The evaluation transform in words (the one written into the packed files and ONNX)."""
+    if not pre:
+        return "—"
+    size, crop = pre.get("img_size"), pre.get("crop_pct", 1.0)
+    resize = int(size / crop + 1e-6) if size and crop else size  # as the transform floors it
+    how = (f"resize both sides to {resize}" if pre.get("crop_mode") == "squash"
+           else f"resize the shorter side to {resize}")
+    return (f"{how} ({pre.get('interpolation')}), centre crop {size}, mean {pre.get('mean')}, "
+            f"std {pre.get('std')}")
+
+
 def settings_items(summary: dict[str, Any], analysis: Optional[dict[str, Any]]) -> list[tuple[str, str]]:
     """(label, value) pairs describing how this run was made."""
     config = summary.get("model_config") or {}
     calibration = summary.get("calibration") or {}
-    items = [("Model file", str(summary.get("model_path", "—"))),
+    fmt = summary.get("model_format")
+    items = [("Model file", str(summary.get("model_path", "—"))
+              + (f" ({fmt} checkpoint)" if fmt and fmt != "bvvit" else "")),
              ("Architecture", f"ViT depth {config.get('depth')} x width {config.get('embed_dim')}, "
                               f"{config.get('num_heads')} heads, patch {config.get('patch_size')}, image "
                               f"{config.get('img_size')}x{config.get('img_size')}x{config.get('in_chans')}, "
                               f"{config.get('num_classes')} classes" if config else "—"),
+             ("Preprocessing", preprocessing_text(summary.get("preprocessing"))),
              ("Data", str(summary.get("data", "—"))),
              ("Evaluation images", str(summary.get("num_eval_images", "—"))),
              ("Calibration images", f"{calibration.get('size', '—')} from the {calibration.get('split', '?')} "

@@ -150,10 +150,24 @@ def test_timm_state_dict_on_imagenet_style_folder(tmp_path):
     torch.save(reference.state_dict(), path)
     data = make_image_folder(tmp_path / "imagenet", size=40, mode="RGB", per_class=6)
     result = _ptq(path, "--data-path", str(data), "--bits", "8", "--baseline", "none", "--model-format", "timm",
-                  "--output-dir", str(tmp_path / "q"), "--calib-size", "8", "--analysis", "none")
+                  "--output-dir", str(tmp_path / "q"), "--calib-size", "8", "--analysis", "none",
+                  "--preprocessing", "crop_pct=0.9", "interpolation=bilinear")
     assert result.returncode == 0, result.stderr
     assert "1 heads" in result.stdout and "ImageNet mean/std" in result.stdout
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    # the transform the checkpoint brings (changed by --preprocessing) is in every artifact
+    expected = {"crop_pct": 0.9, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406]}
+    assert summary["model_format"] == "timm"
+    assert {k: summary["preprocessing"][k] for k in expected} == expected
+    from bvvit.quant.storage import read_metadata
+    from bvvit.runtime.onnxruntime import read_onnx_metadata
+    packed = read_metadata(tmp_path / "q" / "models" / "vit_w8a8.safetensors")["preprocessing"]
+    assert {k: packed[k] for k in expected} == expected
+    onnx_files = sorted((tmp_path / "q").rglob("*.onnx"))
+    assert onnx_files
+    for onnx_file in onnx_files:
+        stored = read_onnx_metadata(onnx_file)["preprocessing"]  # JSON values decoded
+        assert {k: stored[k] for k in expected} == expected, onnx_file.name
     assert summary["class_names"] == ["ant", "bee", "cat"]
     assert summary["model_config"]["img_size"] == 32
     assert_one_line_error(_ptq(path, "--bits", "8"), "--data-path")

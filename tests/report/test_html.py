@@ -130,3 +130,20 @@ def test_a_real_post_training_summary_renders(tmp_path):
     assert len(refs.images) >= 7 and all(i["src"].startswith("data:image/png;base64,") for i in refs.images)
     assert "W4A4-minmax" in page and "Run with <code>--analysis full</code>" in page
     assert (out / "report.md").is_file() and (out / "plots" / "accuracy_vs_bits.png").is_file()
+
+
+def test_settings_name_the_checkpoint_format_and_its_preprocessing():
+    """The report says which transform the quantized model is evaluated (and deployed) with."""
+    from bvvit.config import Preprocessing
+    from bvvit.report.html import settings_items
+    summary = make_summary()
+    summary["model_format"] = "hf"
+    summary["preprocessing"] = Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, img_size=224, in_chans=3,
+                                             interpolation="bicubic", crop_pct=224 / 256,
+                                             crop_mode="squash").to_dict()
+    items = dict(settings_items(summary, None))
+    assert items["Model file"].endswith("(hf checkpoint)")
+    assert items["Preprocessing"] == ("resize both sides to 256 (bicubic), centre crop 224, "
+                                      "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]")
+    del summary["preprocessing"]  # a summary of an earlier version
+    assert dict(settings_items(summary, None))["Preprocessing"] == "—"
