@@ -69,6 +69,30 @@ def ort_quantize_dynamic(fp_path: Path, out: Path) -> Path:
     return out
 
 
+def openvino_file_bytes(path: Path) -> int:
+    """Bytes of a model file OpenVINO reads (an IR counts its .xml and .bin)."""
+    path = Path(path)
+    extra = path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
+    return path.stat().st_size + extra
+
+
+def nncf_quantize(fp_path: Path, out: Path, calib: Iterable, model_type: Optional[str] = None) -> Path:
+    """NNCF post-training int8 (``nncf.quantize``) of the FP32 ONNX read by OpenVINO, on our
+    calibration images (every one: ``subset_size`` = their count); ``model_type="transformer"``
+    is NNCF's ViT/BERT preset (``nncf.ModelType.TRANSFORMER``: SmoothQuant, int8 q@k), None
+    its default. Saved as OpenVINO IR ``out`` (.xml + .bin)."""
+    import nncf
+    import openvino as ov
+    batches = [b[0].numpy().astype(np.float32) for b in calib]
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if model_type == "transformer" else {}
+    if model_type not in (None, "transformer"):
+        raise ValueError(f"model_type must be None or 'transformer', got {model_type!r}")
+    quantized = nncf.quantize(ov.Core().read_model(str(fp_path)), nncf.Dataset(batches),
+                              subset_size=sum(len(b) for b in batches), **kwargs)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
 def pt2e_convert(model: nn.Module, calib: Iterable, batch: int) -> nn.Module:
     """PT2E static int8 with ``X86InductorQuantizer`` (PyTorch's CPU int8 recipe): export at a
     fixed batch size, calibrate on our images in chunks of that size, convert. The result

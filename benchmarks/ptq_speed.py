@@ -2,10 +2,13 @@
 
     python benchmarks/ptq_speed.py [--model-path OUT/vit_model.pth] [--calib-size 1024]
         [--recipe vit] [--eval-subset N] [--batch-orders 10] [--runs 20] [--threads 2]
-        [--json PATH] [--skip-compile]
+        [--batch 64] [--json PATH] [--skip-compile] [--skip GROUP,...]
+    python benchmarks/ptq_speed.py --timm-model vit_small_patch16_224 --img-size 224 \
+        --calib-size 8 --batch 8 --skip-compile      # speed only, at the scale users deploy
 
-Without ``--model-path``: a random-weight ViT 6x192, patch 7, on 28x28 with random
-calibration images (accuracy columns are then n/a). Everything is measured in ONE
+Without ``--model-path``: a random-weight ViT 6x192, patch 7, on 28x28 (or, with
+``--timm-model``, timm's constructor of that name, random weights: timing does not depend on
+the values) with random calibration images (accuracy columns are then n/a). Everything is measured in ONE
 process, latency interleaved round-robin (bvvit.evaluate.latency), so machine noise hits
 every variant alike: compare ratios within a run, not absolute times across runs.
 
@@ -13,7 +16,11 @@ Variants: PyTorch FP32 eager; ONNX Runtime FP32; OUR static W8A8 (our calibratio
 export) with int8 attention (the simulated model's twin), float attention, and fused
 attention (qkv + attention one QAttention node: the fastest); ORT ``quantize_static`` (QDQ,
 per-channel; MinMax with uint8 and int8 activations, Percentile, Entropy);
-ORT ``quantize_dynamic``; ``torch.ao.quantization.quantize_dynamic``; and, when torchao
+ORT ``quantize_dynamic``; ``torch.ao.quantization.quantize_dynamic``; when openvino (and
+nncf) import: OpenVINO running the FP32 file at its default precision (bf16 on CPUs with
+AVX512-BF16/AMX) and at f32, our ``vit_w8a8.onnx`` as is, OUR W8A8 exported for it
+(:mod:`bvvit.quant.export_openvino`, IR, attention float: compared with that simulated twin),
+and NNCF ``nncf.quantize`` int8 (``ModelType.TRANSFORMER`` and the default); and, when torchao
 imports and ``--skip-compile`` is not given, PT2E X86InductorQuantizer + torch.compile and
 torchao int8 dynamic + torch.compile (each skipped with its reason if it fails).
 
@@ -70,6 +77,9 @@ from bvvit.system import system_info  # noqa: E402
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
 
 
+SKIP_GROUPS = ("ort-static", "ort-dynamic", "torch-dynamic", "openvino", "nncf")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-path", help="vit_model.pth from run.py (default: random ViT 6x192)")
@@ -87,7 +97,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="start no further torch.compile peer after this many seconds of compiling")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--out-dir", help="keep the ONNX files here (default: a temp folder)")
+    p.add_argument("--batch", type=int, default=64, help="the large timed batch (batch 1 is always timed)")
+    p.add_argument("--timm-model", help="time timm's model of this name (random weights, no accuracy), "
+                                        "e.g. vit_small_patch16_224")
+    p.add_argument("--img-size", type=int, default=224, help="image size of --timm-model")
+    p.add_argument("--skip", default="", help=f"comma-separated peer groups to leave out: {', '.join(SKIP_GROUPS)}")
     args = p.parse_args(argv)
+    args.skip = {g for g in args.skip.split(",") if g}
+    if args.skip - set(SKIP_GROUPS):
+        p.error(f"--skip: unknown group(s) {sorted(args.skip - set(SKIP_GROUPS))}; choose from {SKIP_GROUPS}")
+    if args.batch < 2:
+        p.error(f"--batch must be >= 2, got {args.batch}")
     if args.batch_orders < 1:
         p.error(f"--batch-orders must be >= 1, got {args.batch_orders}")
     return args
@@ -105,6 +125,27 @@ def random_setup(calib_size: int) -> dict[str, Any]:
              for i in range(0, calib_size, 64)]
     return {"model": model, "pre": Preprocessing(), "class_names": [str(i) for i in range(10)],
             "calib": calib, "val": None, "desc": "random-weight ViT 6x192 patch 7, 28x28"}
+
+
+def timm_setup(name: str, img_size: int, calib_size: int) -> dict[str, Any]:
+    """timm's ``name`` (random weights) in our model; random calibration images (speed only)."""
+    import timm
+    from bvvit.model import load_pretrained
+    torch.manual_seed(0)
+    tm = timm.create_model(name, pretrained=False, img_size=img_size).eval()
+    config = ModelConfig(img_size=img_size, patch_size=tm.patch_embed.patch_size[0], in_chans=3,
+                         num_classes=tm.num_classes, embed_dim=tm.embed_dim, depth=len(tm.blocks),
+                         num_heads=tm.blocks[0].attn.num_heads)
+    model = VisionTransformer(config).eval()
+    load_pretrained(model, tm.state_dict(), strict_head=True)
+    images = torch.randn(calib_size, 3, img_size, img_size)
+    calib = [(images[i:i + 8], torch.zeros(len(images[i:i + 8]), dtype=torch.long))
+             for i in range(0, calib_size, 8)]
+    pre = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), img_size=img_size, in_chans=3)
+    return {"model": model, "pre": pre, "class_names": [str(i) for i in range(config.num_classes)],
+            "calib": calib, "val": None,
+            "desc": f"timm {name} shape ({config.depth}x{config.embed_dim}, {img_size} px, "
+                    f"{config.num_patches + 1} tokens), random weights"}
 
 
 def model_setup(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +254,42 @@ def torchao_dynamic_peer(model: nn.Module, example: torch.Tensor) -> Variant:
                    "int8 dynamic activations", peers.padded(compiled, 64))
 
 
+def ov_variant(name: str, path: Path, threads: int, precision: Optional[str] = None, note: str = "",
+               graphs: Optional[dict[str, Any]] = None) -> Variant:
+    """An OpenVINO-compiled file (ONNX or IR); its exec-graph summary goes into ``graphs``."""
+    from bvvit.runtime import openvino as ovrt
+    session = ovrt.make_session(path, threads=threads, precision=precision)
+    if graphs is not None:
+        report = ovrt.exec_graph_report(session)
+        graphs[name] = {"precision": ovrt.inference_precision(session), **{
+            k: report[k] for k in ("matmul_layers", "integer_matmuls", "num_layers", "layer_counts")}}
+    return Variant(name, ovrt.numpy_fn(session), True, peers.openvino_file_bytes(path),
+                   note, ovrt.session_fn(session))
+
+
+def openvino_peers(fp_path: Path, ours_path: Path, threads: int, graphs: dict[str, Any]) -> list[Variant]:
+    """OpenVINO running the FP32 file (default precision, f32) and our vit_w8a8.onnx as is."""
+    from bvvit.runtime import openvino as ovrt
+    default = ovrt.inference_precision(ovrt.make_session(fp_path, threads=threads))
+    out = [ov_variant(f"OpenVINO FP32 ({default}, its default)", fp_path, threads, None,
+                      "the FP32 ONNX as is; non-quantized layers at OpenVINO's default precision", graphs)]
+    if default != "f32":
+        out.append(ov_variant("OpenVINO FP32 (f32)", fp_path, threads, "f32",
+                              "INFERENCE_PRECISION_HINT=f32", graphs))
+    out.append(ov_variant("OpenVINO running our vit_w8a8.onnx", ours_path, threads, None,
+                          "our every-tensor-int8 QDQ file, unchanged", graphs))
+    return out
+
+
+def nncf_peers(fp_path: Path, folder: Path, calib: Any, threads: int, graphs: dict[str, Any]) -> list[Variant]:
+    out = []
+    for model_type, label in (("transformer", "ModelType.TRANSFORMER"), (None, "default")):
+        path = peers.nncf_quantize(fp_path, folder / f"nncf_{model_type or 'default'}.xml", calib, model_type)
+        out.append(ov_variant(f"NNCF int8 ({label}) OpenVINO", path, threads, None,
+                              "nncf.quantize on the same calibration images", graphs))
+    return out
+
+
 def try_peer(label: str, build: Callable[[], Any], skipped: dict[str, str]) -> list[Variant]:
     result = peers.try_build(label, build, skipped)
     return [] if result is None else result if isinstance(result, list) else [result]
@@ -223,10 +300,14 @@ def try_peer(label: str, build: Callable[[], Any], skipped: dict[str, str]) -> l
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    setup = model_setup(args) if args.model_path else random_setup(args.calib_size)
+    if args.timm_model:
+        setup = timm_setup(args.timm_model, args.img_size, args.calib_size)
+    else:
+        setup = model_setup(args) if args.model_path else random_setup(args.calib_size)
     model, calib, val = setup["model"], setup["calib"], setup["val"]
     c = model.config
-    example = torch.randn(64, c.in_chans, c.img_size, c.img_size)
+    big = args.batch
+    example = torch.randn(big, c.in_chans, c.img_size, c.img_size)
     print(f"model: {setup['desc']}; threads {args.threads}", flush=True)
     tmp = tempfile.TemporaryDirectory()
     folder = Path(args.out_dir) if args.out_dir else Path(tmp.name)
@@ -255,10 +336,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                             args.threads, "as above, q@k and attn@v in float (as ORT dynamic does)"),
                 ort_variant(f"OURS static W8A8 ({args.recipe}) ORT, fused attention", ours_fused,
                             args.threads, "as float attention; qkv + attention one QAttention node")]
-    variants += try_peer("ORT quantize_static", lambda: ort_static_peers(fp_path, folder, calib,
-                                                                          args.threads), skipped)
-    variants += try_peer("ORT quantize_dynamic", lambda: ort_dynamic_peer(fp_path, folder, args.threads), skipped)
-    variants += try_peer("torch.ao quantize_dynamic", lambda: torch_dynamic_peer(model), skipped)
+    ov_graphs: dict[str, Any] = {}
+    if "openvino" not in args.skip:
+        def ours_openvino() -> Variant:
+            from bvvit.quant.export_openvino import export_openvino_ir
+            ir = export_openvino_ir(qmodel, folder / "vit_w8a8_openvino.xml", setup["pre"], setup["class_names"])
+            return ov_variant(f"OURS static W8A8 ({args.recipe}) OpenVINO IR", ir, args.threads, None,
+                              "our scales; attention float (fused by OpenVINO); compared with that simulated twin",
+                              ov_graphs)
+        variants += try_peer("our W8A8 for OpenVINO", ours_openvino, skipped)
+        variants += try_peer("OpenVINO", lambda: openvino_peers(fp_path, ours_path, args.threads, ov_graphs),
+                             skipped)
+    if "nncf" not in args.skip:
+        variants += try_peer("NNCF", lambda: nncf_peers(fp_path, folder, calib, args.threads, ov_graphs), skipped)
+    if "ort-static" not in args.skip:
+        variants += try_peer("ORT quantize_static", lambda: ort_static_peers(fp_path, folder, calib,
+                                                                              args.threads), skipped)
+    if "ort-dynamic" not in args.skip:
+        variants += try_peer("ORT quantize_dynamic", lambda: ort_dynamic_peer(fp_path, folder, args.threads),
+                             skipped)
+    if "torch-dynamic" not in args.skip:
+        variants += try_peer("torch.ao quantize_dynamic", lambda: torch_dynamic_peer(model), skipped)
     compile_peers = {"PT2E X86InductorQuantizer": lambda: pt2e_peer(model, calib, example),
                      "torchao int8 dynamic": lambda: torchao_dynamic_peer(model, example)}
     start = time.perf_counter()
@@ -273,32 +371,38 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             variants += try_peer(label, build, skipped)
 
     accuracy: dict[str, dict[str, Any]] = {}
-    sim_top1 = None  # our simulated (fake-quant) model, for reference
+    sim_top1 = sim_float_attention_top1 = None  # our simulated (fake-quant) models, for reference
     if val is not None:
         start = time.perf_counter()
         accuracy = accuracy_analysis(variants, val, args.batch_orders, skipped)
         logits, labels = collect_logits(qmodel, val)
         sim_top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
+        if any("OpenVINO IR" in v.name for v in variants):  # the simulated model our IR computes
+            from bvvit.quant.export_openvino import float_attention_model
+            logits, _ = collect_logits(float_attention_model(qmodel), val)
+            sim_float_attention_top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / labels.numel()
         print(f"  evaluated on {len(labels)} images in {time.perf_counter() - start:.1f} s", flush=True)
 
-    inputs = {1: example[:1].contiguous(), 64: example}
+    inputs = {1: example[:1].contiguous(), big: example}
     if val is not None:  # real images for timing
-        real = torch.cat([b[0] for _, b in zip(range(2), val)])[:64]
-        if len(real) == 64:
-            inputs = {1: real[:1].contiguous(), 64: real.contiguous()}
+        real = torch.cat([b[0] for _, b in zip(range(-(-big // 64)), val)])[:big]
+        if len(real) == big:
+            inputs = {1: real[:1].contiguous(), big: real.contiguous()}
     fns = {v.name: v.fn for v in variants}
     to_input = {v.name: (lambda x: np.ascontiguousarray(x.numpy())) for v in variants if v.numpy_input}
     start = time.perf_counter()
     results = measure_interleaved(fns, inputs, warmup=args.warmup, runs=max(10, args.runs),
                                   to_input=to_input)
     print(f"  timed in {time.perf_counter() - start:.1f} s", flush=True)
-    table = build_table(variants, results, accuracy)
+    table = build_table(variants, results, accuracy, big)
     info = system_info()
     report = {"model": setup["desc"], "threads": args.threads, "runs": max(10, args.runs),
               "warmup": args.warmup, "recipe": args.recipe, "sim_w8a8_top1": sim_top1,
+              "sim_w8a8_float_attention_top1": sim_float_attention_top1, "batch": big,
+              "openvino_exec_graphs": ov_graphs,
               "batch_orders": args.batch_orders,
               "rows": table, "skipped": skipped, "our_graph_ops": ops,
-              "verdict": verdict(table),
+              "verdict": verdict(table, big),
               "system": {k: info[k] for k in ("cpu_model", "usable_cores", "isa_flags",
                                               "cpu_capability", "libraries")}}
     for row in table:
@@ -358,7 +462,7 @@ def accuracy_analysis(variants: list[Variant], val: Any, orders: int,
 
 
 def build_table(variants: list[Variant], results: list[Any],
-                accuracy: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+                accuracy: dict[str, dict[str, Any]], big: int = 64) -> list[dict[str, Any]]:
     by = {(r.name, r.batch_size): r for r in results}
     fp_size = variants[0].size_bytes
     rows = []
@@ -367,7 +471,7 @@ def build_table(variants: list[Variant], results: list[Any],
         row: dict[str, Any] = {"variant": v.name, "top1": acc.get("top1"), "size_bytes": v.size_bytes,
                                "size_ratio": v.size_bytes / fp_size if v.size_bytes else None,
                                "note": v.note, **{k: val for k, val in acc.items() if k != "top1"}}
-        for b in (1, 64):
+        for b in (1, big):
             r = by[(v.name, b)]
             row[f"b{b}_median_ms"], row[f"b{b}_p90_ms"] = r.median_ms, r.p90_ms
             row[f"b{b}_speedup_vs_pytorch_fp32"] = by[("PyTorch FP32 eager", b)].median_ms / r.median_ms
@@ -379,7 +483,7 @@ def build_table(variants: list[Variant], results: list[Any],
 ACCURACY_AT = {1: "top1_b1", 64: "top1_b64_mean"}  # the accuracy a user gets at each batch size
 
 
-def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def verdict(rows: list[dict[str, Any]], big: int = 64) -> dict[str, Any]:
     """For each of our rows and each timed batch size: at least as fast as the fastest
     quantized peer, and as accurate as the most accurate one at that batch size? Also, at
     batch 64 in image order, the paired test against that peer (McNemar exact p)."""
@@ -388,7 +492,7 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ours in (r for r in rows if r["variant"].startswith("OURS")):
         entry: dict[str, Any] = {}
-        for b in (1, 64):
+        for b in (1, big):
             key = f"b{b}_median_ms"
             fastest = min(peers, key=lambda r: r[key])
             entry[f"b{b}"] = {"ours_ms": ours[key], "fastest_peer": fastest["variant"],
@@ -397,7 +501,7 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
                               "met": ours[key] <= fastest[key]}
             if ours.get("top1") is None:
                 continue
-            acc = ACCURACY_AT[b]
+            acc = ACCURACY_AT[1 if b == 1 else 64]
             best = max(scored, key=lambda r: r[acc], default=None)
             entry[f"b{b}"]["accuracy"] = {
                 "ours_top1": ours[acc], "best_peer": best and best["variant"],
@@ -424,26 +528,35 @@ def print_table(report: dict[str, Any]) -> None:
           f"dispatch {info['cpu_capability']}); threads {report['threads']}; "
           f"{report['runs']} interleaved rounds after {report['warmup']} warm-up")
     libs = info["libraries"]
-    print(f"torch {libs.get('torch')}, onnxruntime {libs.get('onnxruntime')}, onnx {libs.get('onnx')}")
-    header = (f"| {'variant':44s} | {'top-1':>6s} | {'size bytes':>10s} | {'/FP32':>5s} | "
-              f"{'b1 med':>7s} | {'b1 p90':>7s} | {'b64 med':>7s} | {'b64 p90':>7s} | "
-              f"{'x PT b1':>7s} | {'x ORT b1':>8s} | {'x PT b64':>8s} | {'x ORT b64':>9s} |")
+    print(f"torch {libs.get('torch')}, onnxruntime {libs.get('onnxruntime')}, onnx {libs.get('onnx')}, "
+          f"openvino {libs.get('openvino')}, nncf {libs.get('nncf')}")
+    big = report.get("batch", 64)
+    bb = f"b{big}"
+    header = (f"| {'variant':48s} | {'top-1':>6s} | {'size bytes':>10s} | {'/FP32':>5s} | "
+              f"{'b1 med':>7s} | {'b1 p90':>7s} | {bb + ' med':>7s} | {bb + ' p90':>7s} | "
+              f"{'x PT b1':>7s} | {'x ORT b1':>8s} | {'x PT ' + bb:>8s} | {'x ORT ' + bb:>9s} |")
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
     for r in report["rows"]:
-        print(f"| {r['variant']:44s} | {_fmt(r['top1'], '6.2f')} | {r['size_bytes'] or 0:10d} | "
+        print(f"| {r['variant']:48s} | {_fmt(r['top1'], '6.2f')} | {r['size_bytes'] or 0:10d} | "
               f"{_fmt(r['size_ratio'], '5.3f')} | {r['b1_median_ms']:7.2f} | {r['b1_p90_ms']:7.2f} | "
-              f"{r['b64_median_ms']:7.2f} | {r['b64_p90_ms']:7.2f} | "
+              f"{r[bb + '_median_ms']:7.2f} | {r[bb + '_p90_ms']:7.2f} | "
               f"{r['b1_speedup_vs_pytorch_fp32']:6.2f}x | {r['b1_speedup_vs_ort_fp32']:7.2f}x | "
-              f"{r['b64_speedup_vs_pytorch_fp32']:7.2f}x | {r['b64_speedup_vs_ort_fp32']:8.2f}x |")
+              f"{r[bb + '_speedup_vs_pytorch_fp32']:7.2f}x | {r[bb + '_speedup_vs_ort_fp32']:8.2f}x |")
+    for name, graph in report.get("openvino_exec_graphs", {}).items():
+        print(f"OpenVINO exec graph of {name}: {graph['num_layers']} layers, float precision "
+              f"{graph['precision']}, matmul layers {graph['matmul_layers']}")
     if report["sim_w8a8_top1"] is not None:
-        print(f"our simulated (fake-quant) W8A8 top-1: {report['sim_w8a8_top1']:.2f}")
+        print(f"our simulated (fake-quant) W8A8 top-1: {report['sim_w8a8_top1']:.2f}"
+              + (f"; with attention in float (the OpenVINO IR's twin): "
+                 f"{report['sim_w8a8_float_attention_top1']:.2f}"
+                 if report.get("sim_w8a8_float_attention_top1") is not None else ""))
         print_accuracy(report)
     for name, reason in report["skipped"].items():
         print(f"skipped {name}: {reason}")
     for name, entry in report["verdict"].items():
         print(f"{name}:")
-        for b in ("b1", "b64"):
+        for b in ("b1", bb):
             v = entry[b]
             line = (f"  {b}: {v['ours_ms']:.2f} ms vs fastest peer ({v['fastest_peer']}) "
                     f"{v['fastest_peer_ms']:.2f} ms -> {'MET' if v['met'] else 'NOT met'} "
@@ -465,7 +578,7 @@ def print_accuracy(report: dict[str, Any]) -> None:
     print(f"\naccuracy (top-1 %): b64 in image order; b1 (measured where marked *, else static = "
           f"b64); b64 mean [min-max] over {report['batch_orders']} image orders where the batch "
           f"changes predictions; batch effect = max relative logit change b1 vs b64")
-    print(f"| {'variant':44s} | {'b64':>6s} | {'b1':>7s} | {'b64 over orders':>21s} | "
+    print(f"| {'variant':48s} | {'b64':>6s} | {'b1':>7s} | {'b64 over orders':>21s} | "
           f"{'batch effect':>12s} | {'vs FP32 lost/gained':>19s} |")
     for r in report["rows"]:
         if r.get("top1") is None:
@@ -474,7 +587,7 @@ def print_accuracy(report: dict[str, Any]) -> None:
                   if r["batch_dependent"] else "(batch-independent)")
         b1 = f"{r['top1_b1']:6.2f}{'*' if r['top1_b1_measured'] else ' '}"
         flips = f"{r.get('vs_fp32_lost', 0)} / {r.get('vs_fp32_gained', 0)}"
-        print(f"| {r['variant']:44s} | {r['top1']:6.2f} | {b1:>7s} | {orders:>21s} | "
+        print(f"| {r['variant']:48s} | {r['top1']:6.2f} | {b1:>7s} | {orders:>21s} | "
               f"{r['batch_effect']:12.1e} | {flips:>19s} |")
 
 

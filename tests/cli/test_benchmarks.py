@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on a tiny model and report every competitor."""
 
+import importlib.util
 import json
 
 import pytest
@@ -52,7 +53,17 @@ def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
     variants = [r["variant"] for r in report["rows"]]
     assert variants[:2] == ["PyTorch FP32 eager", "ORT FP32"]
     ours = [v for v in variants if v.startswith("OURS")]
-    assert len(ours) == 3 and any("fused attention" in v for v in ours)
+    assert any("fused attention" in v for v in ours)
+    if importlib.util.find_spec("openvino"):  # OpenVINO's own peers and our IR beside ORT
+        assert len(ours) == 4 and any(v.endswith("OpenVINO IR") for v in ours)
+        assert any(v.startswith("OpenVINO FP32") for v in variants)
+        assert "OpenVINO running our vit_w8a8.onnx" in variants
+        assert report["openvino_exec_graphs"][next(v for v in ours if "OpenVINO" in v)]["integer_matmuls"] > 0
+        assert report["sim_w8a8_float_attention_top1"] is not None
+        if importlib.util.find_spec("nncf"):
+            assert {"NNCF int8 (ModelType.TRANSFORMER) OpenVINO", "NNCF int8 (default) OpenVINO"} <= set(variants)
+    else:
+        assert len(ours) == 3
     assert "ORT quantize_dynamic" in variants and "torch.ao quantize_dynamic" in variants
     assert sum(v.startswith("ORT quantize_static") for v in variants) == 4
     for row in report["rows"]:
@@ -73,3 +84,20 @@ def test_speed_benchmark_times_every_runtime_interleaved(trained, tmp_path):
             assert isinstance(report["verdict"][name][b]["accuracy"]["met"], bool)
         assert 0.0 <= report["verdict"][name]["image_order_b64"]["mcnemar_p"] <= 1.0
     assert "McNemar exact p" in result.stdout
+
+
+def test_speed_benchmark_on_a_timm_shape(tmp_path):
+    """--timm-model: timm's constructor (random weights), speed only, at the --batch given."""
+    pytest.importorskip("timm")
+    report_path = tmp_path / "speed.json"
+    result = run_cli("benchmarks/ptq_speed.py", "--timm-model", "vit_tiny_patch16_224", "--img-size", "32",
+                     "--calib-size", "4", "--batch", "4", "--runs", "10", "--warmup", "1", "--threads", "1",
+                     "--skip-compile", "--skip", "ort-static,torch-dynamic,nncf", "--json", str(report_path),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["batch"] == 4 and "vit_tiny_patch16_224" in report["model"]
+    for row in report["rows"]:
+        assert row["top1"] is None and row["b1_median_ms"] > 0 and row["b4_median_ms"] > 0
+    assert not any(r["variant"].startswith("ORT quantize_static") for r in report["rows"])
+    assert all(set(entry) >= {"b1", "b4"} for entry in report["verdict"].values())
