@@ -12,7 +12,10 @@ Rows per W/A pair (only pairs with 8-bit activations have peers):
 - PT2E ``X86InductorQuantizer`` (W8A8 only: it has no 4-bit weights), reference
   quantized ops in eager mode;
 - torchao ``Int8DynamicActivationInt8WeightConfig`` / ``Int8DynamicActivationInt4WeightConfig``
-  (dynamic activations: a per-batch range, not static PTQ; shown for reference).
+  (dynamic activations: a per-batch range, not static PTQ; shown for reference);
+- when openvino / nncf import (W8A8): NNCF ``nncf.quantize`` (``ModelType.TRANSFORMER`` and the
+  default) run in OpenVINO, OUR W8A8 exported for OpenVINO (IR, attention float) beside its
+  simulated twin, and the FP32 file in OpenVINO at its default precision and at f32 (W32A32).
 A peer that cannot run here is listed with its reason. Top-1 differences of one image are
 100 / N points (printed as the noise floor); each row gives the images it loses and gains
 against FP32, and ours is compared with the best peer image by image (McNemar exact test).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
 import tempfile
 import time
@@ -42,6 +46,8 @@ from bvvit.io import atomic_write_json  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
 from bvvit.quant.export import export_float_onnx, export_qdq_onnx  # noqa: E402
+from bvvit.quant.export_openvino import export_openvino_ir, float_attention_model  # noqa: E402
+from bvvit.runtime import openvino as ovrt  # noqa: E402  (imports openvino only when used)
 from bvvit.runtime.onnxruntime import make_session, session_fn  # noqa: E402
 
 import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
@@ -55,7 +61,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-subset", type=int, default=None, help="evaluate on N validation images")
     p.add_argument("--pairs", default="8/8,4/8", help="W/A pairs, e.g. 8/8,4/8,4/4")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--skip", default="", help="comma-separated peers to skip: ort, pt2e, torchao")
+    p.add_argument("--skip", default="", help="comma-separated peers to skip: ort, pt2e, torchao, openvino, nncf")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.add_argument("--out-dir", default=None, help="keep the ONNX files here (default: a temp folder)")
     return p.parse_args(argv)
@@ -125,8 +131,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"W{w}A{a:<4}{method:<44}{kind:<22}{row['top1']:>7.2f}{row['drop']:>+7.2f}"
               f"{row['agreement']:>8.2f}{flips:>10}{seconds:>9.1f}", flush=True)
 
+    has_ov = importlib.util.find_spec("openvino") is not None
+    for name in ("openvino", "nncf"):
+        if name not in skip and importlib.util.find_spec(name) is None:
+            skipped[name] = f"the {name} package is not installed"
+            skip.add(name)
     fp_path = None
-    if "ort" not in skip:
+    if not {"ort", "openvino", "nncf"} <= skip:  # every ONNX-reading peer starts from it
         fp_path = export_float_onnx(model, folder / "vit_fp32.onnx", pre, loaded.class_names)
     print(f"{'W/A':<6}{'method':<44}{'kind':<22}{'top-1':>7}{'drop':>7}{'agree':>8}{'lost/gain':>10}"
           f"{'quant s':>9}")
@@ -140,6 +151,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 path = export_qdq_onnx(qmodel, folder / "vit_w8a8.onnx", pre, loaded.class_names)
                 record(w, a, "OURS --recipe vit, exported", "ORT int8 kernels",
                        session_fn(make_session(path)), seconds)
+            if recipe == "vit" and (w, a) == (8, 8) and "openvino" not in skip:
+                record(w, a, "OURS --recipe vit, attention float", "simulated (the IR's twin)",
+                       float_attention_model(qmodel), seconds)
+                path = peers.try_build("our W8A8 for OpenVINO", lambda: export_openvino_ir(
+                    qmodel, folder / "vit_w8a8_openvino.xml", pre, loaded.class_names), skipped)
+                if path is not None:
+                    record(w, a, "OURS --recipe vit, OpenVINO IR", "OpenVINO int8 kernels",
+                           ovrt.session_fn(ovrt.make_session(path)), seconds)
         if a != 8:
             continue  # the peers' static paths quantize activations to 8 bits only
         if "ort" not in skip and w in (4, 8):
@@ -152,6 +171,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 if path is not None:
                     record(w, a, f"ORT quantize_static {method}", "ORT QDQ",
                            session_fn(make_session(path)), time.perf_counter() - start)
+        if "nncf" not in skip and w == 8:
+            for model_type, label in (("transformer", "ModelType.TRANSFORMER"), (None, "default")):
+                start = time.perf_counter()
+                method = f"NNCF int8 ({label})"
+                path = peers.try_build(method, lambda: peers.nncf_quantize(
+                    fp_path, folder / f"nncf_{model_type or 'default'}.xml", calib, model_type), skipped)
+                if path is not None:
+                    record(w, a, method, "OpenVINO int8 kernels", ovrt.session_fn(ovrt.make_session(path)),
+                           time.perf_counter() - start)
         if "pt2e" not in skip and w == 8:
             start = time.perf_counter()
             converted = peers.try_build("PT2E X86InductorQuantizer", lambda: peers.pt2e_convert(model, calib, 64),
@@ -170,6 +198,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 except Exception as exc:  # noqa: BLE001 - built but cannot run on this CPU
                     skipped[label] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
                     print(f"  skipped {label}: {skipped[label]}", flush=True)
+    if has_ov and "openvino" not in skip:  # the float file in OpenVINO: what its precision costs
+        default = ovrt.inference_precision(ovrt.make_session(fp_path))
+        for precision in dict.fromkeys((None, "f32")):
+            name = precision or default
+            if precision == "f32" and default == "f32":
+                continue
+            record(32, 32, f"OpenVINO FP32 file ({name}{', its default' if precision is None else ''})",
+                   f"OpenVINO {name}", ovrt.session_fn(ovrt.make_session(fp_path, precision=precision)), 0.0)
     report = {"model": f"{args.model_path} ({desc})", "fp32_top1": fp["top1"], "num_images": n,
               "calib_size": args.calib_size, "threads": torch.get_num_threads(), "rows": rows,
               "skipped": skipped, "comparisons": []}

@@ -24,6 +24,12 @@ def test_peers_benchmark_compares_every_method_on_the_same_images(trained, tmp_p
         assert (*pair, "OURS --recipe vit", "simulated") in rows
         assert (*pair, "OURS --recipe minmax", "simulated") in rows
     assert (8, 8, "OURS --recipe vit, exported", "ORT int8 kernels") in rows
+    if importlib.util.find_spec("openvino"):
+        assert (8, 8, "OURS --recipe vit, OpenVINO IR", "OpenVINO int8 kernels") in rows
+        assert (8, 8, "OURS --recipe vit, attention float", "simulated (the IR's twin)") in rows
+        assert any(r[:2] == (32, 32) and r[3].startswith("OpenVINO") for r in rows)
+        if importlib.util.find_spec("nncf"):
+            assert (8, 8, "NNCF int8 (ModelType.TRANSFORMER)", "OpenVINO int8 kernels") in rows, report["skipped"]
     for pair in ((8, 8), (4, 8)):  # ORT's static quantizer: int8 / int4 weights, uint8 activations
         for method in ("MinMax", "Percentile", "Entropy"):
             assert (*pair, f"ORT quantize_static {method}", "ORT QDQ") in rows, report["skipped"]
