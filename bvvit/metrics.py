@@ -53,4 +53,17 @@ def kl_divergence(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> 
     return max(0.0, float(per_row.mean()))
 
 
-__all__ = ["sqnr_db", "kl_divergence", "top1_accuracy", "agreement"]
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples):
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` (the FID formula),
+    computed in float64."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return float((mean_a - mean_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+__all__ = ["sqnr_db", "kl_divergence", "top1_accuracy", "agreement", "frechet_distance"]

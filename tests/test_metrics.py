@@ -43,3 +43,14 @@ def test_top1_and_agreement_count_whole_images():
     assert top1_accuracy(test, labels) == 200.0 / 3
     assert agreement(reference, test) == 200.0 / 3 == agreement(test, reference)
     assert agreement(reference, reference) == 100.0
+
+
+def test_frechet_distance_of_gaussians():
+    from bvvit.metrics import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert abs(frechet_distance(a, a)) < 1e-9
+    shifted = a + torch.tensor([2.0, 0.0, 0.0])
+    assert abs(frechet_distance(a, shifted) - 4.0) < 1e-6  # only the means differ
+    wide = torch.randn(4000, 3, generator=g) * 3.0  # (3 - 1)^2 per dimension
+    assert abs(frechet_distance(a, wide) - 12.0) < 1.0

@@ -113,6 +113,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--calib-size", type=positive_int, default=DEFAULT_CALIB_SIZE,
                    help=f"calibration images, a seeded subset of the TRAINING split (default {DEFAULT_CALIB_SIZE}: "
                         "block reconstruction at <= 4 bits needs them; 256 is enough above)")
+    p.add_argument("--calib-path", default=None, metavar="FOLDER",
+                   help="calibrate on the images of FOLDER (any images: flat, class sub-folders or "
+                        "train/val; converted to the model's channels and size) instead of the "
+                        "training split; the report gives their distance from the evaluation data")
+    p.add_argument("--calib-data", choices=["train", "synthetic"], default="train",
+                   help="train (default): a seeded subset of the training split; synthetic: no "
+                        "images, inputs optimised from the float model (PSAQ-ViT-style, ~100 "
+                        "forward+backward passes per 64 images: use --calib-size 256)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     p.add_argument("--eval-subset", type=positive_int, default=None,
                    help="evaluate on only the first N validation images (quick looks)")
@@ -190,6 +198,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.data_path is not None and not args.data_path.strip():
         raise ConfigError("--data-path is empty (an unset shell variable?); leave it out to use the "
                           "data the model was trained on, or pass a folder")
+    if args.calib_path is not None and args.calib_data != "train":
+        raise ConfigError("--calib-path and --calib-data synthetic exclude each other: pass one")
+    if args.calib_path is not None and not args.calib_path.strip():
+        raise ConfigError("--calib-path is empty (an unset shell variable?); leave it out to calibrate "
+                          "on the training split, or pass a folder of images")
     if (args.w_bits is None) != (args.a_bits is None):
         raise ConfigError("--w-bits and --a-bits go together (e.g. --w-bits 4 --a-bits 8)")
     if args.w_bits is not None:
@@ -222,7 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         switches["rotation"] = {"enabled": True}
     job = PTQJob(model_path=args.model_path, output_dir=output_dir, data_path=args.data_path,
                  bit_pairs=pairs, recipe=args.recipe, baseline=baseline,
-                 calib_size=args.calib_size, batch_size=args.batch_size,
+                 calib_size=args.calib_size, calib_data=args.calib_data, calib_path=args.calib_path,
+                 batch_size=args.batch_size,
                  device=str(resolve_device(args.device)), seed=args.seed,
                  progress=not args.no_progress, eval_subset=args.eval_subset,
                  latency_runs=args.latency_runs,

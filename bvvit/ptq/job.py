@@ -34,13 +34,15 @@ from typing import Any, Optional
 
 import torch
 
-from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader
+from bvvit.data import build_dataset, build_loader, build_transform
 from bvvit.distributed import DistInfo, ShardSampler, barrier, init_distributed, shutdown_distributed
 from bvvit.errors import DataError, WriteError
 from bvvit.evaluate.analysis import run_analysis
 from bvvit.evaluate.classification import evaluate_classifier
 from bvvit.io import json_safe
 from bvvit.ptq.cache import cache_base
+from bvvit.ptq.calibration import build_calibration_set
+from bvvit.ptq.calibration import describe as describe_calibration
 from bvvit.ptq.inputs import load_inputs
 from bvvit.ptq.mixed import mixed_precision_variant
 from bvvit.ptq.onnx import onnx_int8
@@ -64,6 +66,8 @@ class PTQJob:
     recipe: str = DEFAULT_RECIPE
     baseline: Optional[str] = "minmax"  # also run this recipe at each bit depth (None: skip)
     calib_size: int = DEFAULT_CALIB_SIZE
+    calib_data: str = "train"  # train | synthetic (data-free); bvvit/ptq/calibration.py
+    calib_path: Optional[str] = None  # calibrate on the images of this folder instead
     batch_size: int = 256
     device: str = "cpu"
     seed: int = 0
@@ -132,14 +136,14 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     # Work only one rank does (sensitivity for mixed precision, analysis) sees every image in
     # dataset order, not one shard: the same images as a one-process run.
     local_loader = build_loader(val_set, job.batch_size, shuffle=False) if info.enabled else val_loader
-    calib_loader, calib_indices = calibration_loader(source, pre, job.calib_size, job.seed,
-                                                     batch_size=min(64, job.batch_size))
+    fp_model = loaded.model.to(device).eval()
+    calib = build_calibration_set(job, source, pre, fp_model, val_set, device)
+    calib_loader = calib.loader
     torch.manual_seed(job.seed)
     log.info(f"model: {job.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
              f"patch {loaded.config.patch_size}); data: {source.describe()}; "
-             f"evaluating on {len(val_set)} images, calibrating on {len(calib_indices)} training images")
+             f"evaluating on {len(val_set)} images, {describe_calibration(calib.record)}")
 
-    fp_model = loaded.model.to(device).eval()
     fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
                                                 device=device, progress=job.progress)
     fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
@@ -149,7 +153,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     variants = [Variant("fp32", fp_model, None, fp_metrics, file=fp_file)]
     log.info(f"fp32: top-1 {fp_metrics['top1']:.2f}%  top-5 {fp_metrics['top5']:.2f}%")
 
-    cache_key = cache_base(job.model_path, source.describe(), calib_indices, len(val_set), job.float_dtype)
+    cache_key = cache_base(job.model_path, source.describe(), calib.identity, len(val_set), job.float_dtype)
     if job.preprocessing:  # results depend on the transform, changed by the flag
         cache_key["preprocessing"] = pre.to_dict()
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
@@ -179,7 +183,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
 
     # timed by rank 0 alone while the others wait, so no rank steals its cores
     latency = measure_latency(variants, loaded, job) if info.is_main else {}
-    summary = build_summary(job, loaded, source.describe(), calib_indices, variants, latency, fp_bytes)
+    summary = build_summary(job, loaded, source.describe(), calib.record, variants, latency, fp_bytes)
     if skipped:
         summary["skipped_variants"] = {name: "nothing quantized: every layer kept float" for name in skipped}
     if mixed is not None:

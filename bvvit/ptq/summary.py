@@ -98,7 +98,7 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
     return rows
 
 
-def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calib_indices: list[int],
+def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calibration: dict[str, Any],
                   variants: list[Variant], latency: dict[str, dict[int, Any]], fp_bytes: int) -> dict[str, Any]:
     """The summary.json dict of the PyTorch variants (the job adds ONNX rows and its extras)."""
     return json_safe({
@@ -112,7 +112,7 @@ def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calib_indices: 
         "data": data_desc,
         "num_eval_images": variants[0].metrics["num_images"],
         "seed": job.seed,
-        "calibration": {"size": len(calib_indices), "split": "train", "indices": calib_indices},
+        "calibration": calibration,  # source, size, distance to the evaluation images (ptq/calibration.py)
         "recipe": job.recipe, "baseline": job.baseline,
         "system": system_info(),
         "rows": [variant_row(v, latency.get(v.name, {}), fp_bytes) for v in variants],

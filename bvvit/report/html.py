@@ -120,6 +120,17 @@ def preprocessing_text(pre: Optional[dict[str, Any]]) -> str:
             f"std {pre.get('std')}")
 
 
+def calibration_text(calibration: dict[str, Any]) -> str:
+    """``1024 from the train split; Frechet distance to the evaluation images 3.1 (a training
+    subset: 3.1)``: which images calibrated the run and how far they are from the evaluated ones."""
+    size, split = calibration.get("size", "—"), calibration.get("split", "?")
+    text = f"{size} from the {split} split" if calibration.get("source", "train") == "train" else f"{size} from {split}"
+    if calibration.get("frechet_to_eval") is None:
+        return text
+    return text + (f"; Frechet distance to the evaluation images {calibration['frechet_to_eval']:.1f} "
+            f"(a training subset: {calibration.get('frechet_train_to_eval', float('nan')):.1f})")
+
+
 def settings_items(summary: dict[str, Any], analysis: Optional[dict[str, Any]]) -> list[tuple[str, str]]:
     """(label, value) pairs describing how this run was made."""
     config = summary.get("model_config") or {}
@@ -134,8 +145,7 @@ def settings_items(summary: dict[str, Any], analysis: Optional[dict[str, Any]]) 
              ("Preprocessing", preprocessing_text(summary.get("preprocessing"))),
              ("Data", str(summary.get("data", "—"))),
              ("Evaluation images", str(summary.get("num_eval_images", "—"))),
-             ("Calibration images", f"{calibration.get('size', '—')} from the {calibration.get('split', '?')} "
-                                    "split"),
+             ("Calibration images", calibration_text(calibration)),
              ("Recipe / baseline", f"{summary.get('recipe', '—')} / {summary.get('baseline') or 'none'}"),
              ("Seed", str(summary.get("seed", "—"))),
              ("BV-ViT version", str(summary.get("bvvit_version", "—")))]

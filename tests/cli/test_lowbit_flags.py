@@ -48,3 +48,18 @@ def test_bad_budget_values_are_one_line_errors(tmp_path, flags):
     from tests.helpers import assert_one_line_error, run_cli
     result = run_cli("post_training.py", "--model-path", str(tmp_path / "m.pth"), *flags)
     assert_one_line_error(result, flags[0])
+
+
+def test_calibration_source_flags(job_of, tmp_path):
+    job = job_of()
+    assert (job.calib_data, job.calib_path) == ("train", None)
+    assert job_of("--calib-data", "synthetic").calib_data == "synthetic"
+    assert job_of("--calib-path", str(tmp_path)).calib_path == str(tmp_path)
+
+
+@pytest.mark.parametrize("flags,fragment", [(("--calib-path", "x", "--calib-data", "synthetic"), "exclude"),
+                                            (("--calib-path", " "), "--calib-path is empty")])
+def test_contradictory_calibration_flags(tmp_path, flags, fragment):
+    from bvvit.errors import ConfigError
+    with pytest.raises(ConfigError, match=fragment):
+        main(["--model-path", str(tmp_path / "m.pth"), *flags])

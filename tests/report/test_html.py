@@ -147,3 +147,12 @@ def test_settings_name_the_checkpoint_format_and_its_preprocessing():
                                       "mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]")
     del summary["preprocessing"]  # a summary of an earlier version
     assert dict(settings_items(summary, None))["Preprocessing"] == "—"
+
+
+def test_calibration_source_and_distance_are_stated():
+    from bvvit.report.html import calibration_text
+    assert calibration_text({"size": 16, "split": "train"}) == "16 from the train split"
+    text = calibration_text({"source": "folder", "split": "folder /data/other", "size": 8,
+                             "frechet_to_eval": 41.23, "frechet_train_to_eval": 3.05})
+    assert text == ("8 from folder /data/other; Frechet distance to the evaluation images 41.2 "
+                    "(a training subset: 3.0)")
