@@ -223,6 +223,7 @@ class QuantConfig(DictConfig):
     residual: bool = False  # outputs of the residual additions
     patch_embed: bool = True
     head: bool = True
+    image_bits: Optional[int] = None  # bits of the patch-embedding input (the image); None: a_bits
     overrides: list[LayerOverride] = field(default_factory=list)
     # ViT-aware techniques, handed as they are to rotation.py, reparam.py, gptq.py and reconstruct.py
     rotation: RotationOptions = field(default_factory=RotationOptions)
@@ -239,6 +240,8 @@ class QuantConfig(DictConfig):
         for name, cls in _OPTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name} must be {cls.__name__}, got {getattr(self, name)!r}")
+        if self.image_bits is not None:
+            self.image_bits = check_bits(self.image_bits, "image_bits")
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size <= 0:
             raise ConfigError(f"--calib-size must be positive, got {self.calib_size}")
 

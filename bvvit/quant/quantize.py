@@ -90,8 +90,8 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
         elif isinstance(module, nn.Conv2d):
             if not cfg.patch_embed or bits == "float":
                 continue
-            qmodel.set_submodule(name, QuantConv2d(module, _with_bits(cfg.weight, bits),
-                                                   _with_bits(cfg.activation, bits), "image"))
+            image_spec = _with_bits(cfg.activation, bits if bits is not None else cfg.image_bits)
+            qmodel.set_submodule(name, QuantConv2d(module, _with_bits(cfg.weight, bits), image_spec, "image"))
         elif isinstance(module, MatMul):
             if not cfg.attention_matmul or bits == "float":
                 continue

@@ -53,6 +53,7 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
     }
 
 
+IMAGE_BITS = 8  # vit quantizes the image (uint8 data: exact at 8 bits) at max(a_bits, 8)
 LOW_BITS = 4  # vit reconstructs block by block when weights or activations have <= this many bits
 
 
@@ -63,9 +64,12 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     BENCHMARKS.md section 4). The softmax grid is chosen per block after calibration
     (``method="auto"``, :mod:`bvvit.quant.softmax_grid`): a fixed log2 grid lowered W4A4
     accuracy at 17 tokens, where log-sqrt2 is the better log grid at 4 bits and uniform at
-    8; the choice by attn @ v error matched the held-out logit error at W3A3, W4A4 and W8A8."""
+    8; the choice by attn @ v error matched the held-out logit error at W3A3, W4A4 and W8A8.
+    The image itself (the patch embedding's input) is quantized at ``max(a_bits, 8)`` bits:
+    it is 8-bit data, so 8 bits lose nothing there, while 3-4 bits there cost a quarter of the
+    W3A3 logit error (held-out training images, BENCHMARKS.md)."""
     softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="auto")
-    return {**_mse(w_bits, a_bits), "softmax": softmax,
+    return {**_mse(w_bits, a_bits), "softmax": softmax, "image_bits": max(a_bits, IMAGE_BITS),
             "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
             "reconstruct": ReconstructOptions(enabled=min(w_bits, a_bits) <= LOW_BITS)}
 

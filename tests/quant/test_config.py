@@ -90,7 +90,7 @@ def test_the_flat_layout_of_earlier_versions_is_read():
     """A packed file written before the options were nested (the code of commit 42ffccf,
     tests/quant/data/) reloads with its config and computes the logits it computed then."""
     record = json.loads((DATA / "w4a8_flat_config.json").read_text())
-    expected = make_quant_config("vit", 4, 8, softmax_method="uniform", gptq={"damp": 0.02},
+    expected = make_quant_config("vit", 4, 8, softmax_method="uniform", image_bits=None, gptq={"damp": 0.02},
                                  reconstruct={"enabled": True, "iters": 5, "drop_prob": 0.25}, calib_size=16, seed=3)
     assert "gptq_damp" in record["quant_config"] and QuantConfig.from_dict(record["quant_config"]) == expected
     qmodel, meta = load_quantized_model(DATA / "w4a8_flat_config.safetensors")

@@ -15,6 +15,7 @@ from bvvit.quant.log2 import Log2Observer, LogQParams, qparams_from_dict
 from bvvit.quant.observers import make_observer
 from bvvit.quant.primitives import PerChannel, QParams
 from bvvit.quant.quantize import quantize_model
+from bvvit.quant.config import LayerOverride
 from bvvit.quant.recipes import make_quant_config
 from bvvit.quant.reparam import channel_ranges, norm_linear_pairs, reparameterize_layernorms
 
@@ -156,3 +157,20 @@ def test_softmax_log2_switch():
     assert make_quant_config("vit", 4, 4).softmax.method == "auto"
     qmodel, _ = quantize_model(VisionTransformer(CFG).eval(), cfg, _loader())
     assert isinstance(qmodel.blocks[0].attn.softmax.output_quantizer.qparams, LogQParams)
+
+
+def test_vit_quantizes_the_image_at_8_bits_and_everything_else_at_a_bits():
+    cfg = make_quant_config("vit", 3, 3)
+    assert cfg.image_bits == 8 and make_quant_config("vit", 16, 16).image_bits == 16
+    assert make_quant_config("mse", 3, 3).image_bits is None  # the plain recipes: a_bits everywhere
+    model = VisionTransformer(CFG).eval()
+    qmodel, report = quantize_model(model, make_quant_config("vit", 3, 3, reconstruct={"enabled": False}), _loader())
+    conv = qmodel.patch_embed.proj
+    assert conv.input_quantizer.bits == 8 and conv.weight_qparams.bits == 3
+    assert qmodel.blocks[0].attn.qkv.input_quantizer.bits == 3
+    bits = {(row["op"], row["tensor"]): row["bits"] for row in report.layers}
+    assert bits[("Conv2d", "image")] == 8 and bits[("Linear", "linear_input")] == 3
+    overridden, _ = quantize_model(model, make_quant_config("vit", 3, 3, reconstruct={"enabled": False},
+                                                            overrides=[LayerOverride("patch_embed.proj", bits=4)]),
+                                   _loader())
+    assert overridden.patch_embed.proj.input_quantizer.bits == 4  # an override of the layer wins
