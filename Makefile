@@ -1,6 +1,7 @@
 # make demo : train the demo ViT on Fashion-MNIST, then quantize it (installs what it needs)
 # make test : run the test suite (installs what it needs)
 # make deit-tiny : the deeper DeiT-Tiny-shape model (12x192, patch 4), trained then quantized
+# make vit-197 : a 197-token model (patch 2 on 28x28: 196 patches + class token), trained then quantized
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,14 @@ DEIT_OUT ?= output/deit-tiny
 DEIT_TRAIN_ARGS ?= --epochs 4 --batch-size 128 --img-size 28 --patch-size 4 --embed-dim 192 \
 	--depth 12 --num-heads 3 --num-classes 10 --lr 5e-4 --warmup-epochs 0.5 --augment flip --amp
 
-.PHONY: demo deit-tiny test venv data clean
+# The 197-token model (issue 17): ImageNet's sequence length on Fashion-MNIST, patch 2, 6x96,
+# 3 heads (0.69M parameters), bfloat16 autocast, 3 epochs (~15-30 min per epoch here).
+VIT197_OUT ?= output/vit-197
+VIT197_TRAIN_ARGS ?= --epochs 3 --batch-size 128 --img-size 28 --patch-size 2 --embed-dim 96 \
+	--depth 6 --num-heads 3 --num-classes 10 --lr 5e-4 --warmup-epochs 0.3 --augment flip --amp
+VIT197_PTQ_ARGS ?= --w-bits 8 6 4 4 3 --a-bits 8 6 8 4 3
+
+.PHONY: demo deit-tiny vit-197 test venv data clean
 
 venv: $(STAMP)
 
@@ -58,6 +66,11 @@ demo: $(STAMP) data
 deit-tiny: $(STAMP) data
 	$(PY) run.py --data-path fashion-mnist --output-dir $(DEIT_OUT) $(DEIT_TRAIN_ARGS) --resume auto
 	$(PY) post_training.py --model-path $(DEIT_OUT)/vit_model.pth --output-dir $(DEIT_OUT)/quantization
+
+vit-197: $(STAMP) data
+	$(PY) run.py --data-path fashion-mnist --output-dir $(VIT197_OUT) $(VIT197_TRAIN_ARGS) --resume auto
+	$(PY) post_training.py --model-path $(VIT197_OUT)/vit_model.pth --output-dir $(VIT197_OUT)/quantization \
+		$(VIT197_PTQ_ARGS)
 
 clean:
 	rm -rf $(VENV) output
