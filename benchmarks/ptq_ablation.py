@@ -8,6 +8,11 @@ alone (log2 softmax, LayerNorm reparameterization, GPTQ), the vit recipe (repara
 the vit recipe with the log2 softmax and vit + block-wise reconstruction (vit-recon).
 Prints top-1, drop vs FP32, calibration time (all of quantize_model) and the part of it
 spent in reconstruction; --json writes the table. --variants picks rows by name.
+
+Issue 17's rows (residual-stream rotation, the softmax grid chosen by calibration error,
+the image at 8 bits, 100 vs 300 reconstruction steps) start with ``17:``. ``--heldout N``
+evaluates on N images of the TRAINING split that no calibration set of the seed uses (the
+slice defaults are chosen on) instead of the test split.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bvvit.data import build_dataset, build_loader, build_transform, calibration_loader, resolve_data  # noqa: E402
+from bvvit.data import (build_dataset, build_loader, build_transform, calibration_indices,  # noqa: E402
+                        calibration_loader, resolve_data)
 from bvvit.evaluate.classification import evaluate_classifier  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
 from bvvit.quant.config import TensorQuantSpec  # noqa: E402
+from bvvit.quant.softmax_grid import grid_summary  # noqa: E402
 
 PAIRS = [(4, 4), (4, 8), (6, 6), (8, 8)]
 
@@ -44,6 +51,16 @@ def variants(w: int, a: int):
     yield "vit (reparam+gptq)", make_quant_config("vit", w, a, reconstruct={"enabled": False})
     yield "vit + log2", make_quant_config("vit", w, a, softmax_method="log2", reconstruct={"enabled": False})
     yield "vit-recon", make_quant_config("vit-recon", w, a)
+    # issue 17: each technique alone on the vit recipe of before, then together (the default)
+    before = {"softmax_method": "uniform", "image_bits": None}
+    yield "17:vit before (recon 300)", make_quant_config("vit", w, a, **before, reconstruct={"iters": 300})
+    yield "17:vit before (recon 100)", make_quant_config("vit", w, a, **before, reconstruct={"iters": 100})
+    yield "17:+ softmax auto", make_quant_config("vit", w, a, image_bits=None)
+    yield "17:+ image 8 bit", make_quant_config("vit", w, a, softmax_method="uniform")
+    yield "17:+ rotation", make_quant_config("vit", w, a, **before, rotation={"enabled": True})
+    yield "17:mse + rotation", make_quant_config("mse", w, a, rotation={"enabled": True})
+    yield "17:vit default", make_quant_config("vit", w, a)
+    yield "17:vit default + rotation", make_quant_config("vit", w, a, rotation={"enabled": True})
 
 
 VARIANTS = [name for name, _ in variants(8, 8)]
@@ -59,6 +76,9 @@ def main() -> None:
                    help="W/A pairs, e.g. 4/4,4/8,6/6,8/8,3/3")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated rows to run (default all): {', '.join(VARIANTS)}")
+    p.add_argument("--heldout", type=int, default=None,
+                   help="evaluate on this many held-out TRAINING images (not in any calibration "
+                        "subset of up to 1,024 images of seed 0) instead of the test split")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     wanted = VARIANTS if args.variants is None else [v.strip() for v in args.variants.split(",")]
@@ -68,13 +88,17 @@ def main() -> None:
     loaded = load_model_file(args.model_path)
     source = resolve_data(args.data_path or loaded.data.get("data_path") or "fashion-mnist")
     pre = loaded.preprocessing
-    val = build_loader(build_dataset(source, "val", build_transform(pre, train=False),
-                                     subset=args.eval_subset), 256, shuffle=False)
+    if args.heldout:
+        val = build_loader(heldout_training_images(source, pre, args.heldout), 256, shuffle=False)
+    else:
+        val = build_loader(build_dataset(source, "val", build_transform(pre, train=False),
+                                         subset=args.eval_subset), 256, shuffle=False)
     calib, _ = calibration_loader(source, pre, args.calib_size, seed=0)
     fp, fp_logits = evaluate_classifier(loaded.model, val)
-    print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} images; calibration {args.calib_size} "
+    print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} {'held-out training' if args.heldout else 'test'} "
+          f"images; calibration {args.calib_size} "
           f"training images; threads {torch.get_num_threads()}")
-    print(f"{'W/A':<6}{'variant':<20}{'top-1':>8}{'drop':>8}{'agree':>8}{'calib s':>9}{'recon s':>9}")
+    print(f"{'W/A':<6}{'variant':<28}{'top-1':>8}{'drop':>8}{'agree':>8}{'KL':>8}{'calib s':>9}{'recon s':>9}  grid")
     rows = []
     for pair in args.pairs.split(","):
         w, a = (int(v) for v in pair.split("/"))
@@ -85,14 +109,26 @@ def main() -> None:
             qmodel, report = quantize_model(loaded.model, cfg, calib)
             metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
             row = {"w_bits": w, "a_bits": a, "variant": name, "top1": metrics["top1"],
-                   "drop": metrics["top1_drop"], "agreement": metrics["agreement"],
+                   "drop": metrics["top1_drop"], "agreement": metrics["agreement"], "kl": metrics["kl_div"],
+                   "softmax_grid": grid_summary(report.extras["softmax_grids"])
+                   if report.extras.get("softmax_grids") else cfg.softmax.method,
                    "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start,
                    "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
             rows.append(row)
-            print(f"W{w}A{a:<4}{name:<20}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
-                  f"{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}", flush=True)
+            print(f"W{w}A{a:<4}{name:<28}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
+                  f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
+                  f"{row['softmax_grid']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"fp32_top1": fp["top1"], "rows": rows}, indent=2))
+
+
+def heldout_training_images(source, pre, n: int, seed: int = 12345):
+    """``n`` training images outside every calibration subset of seed 0 up to 1,024 images
+    (the subsets are nested), in a fixed random order."""
+    train = build_dataset(source, "train", build_transform(pre, train=False))
+    taken = set(calibration_indices(len(train), min(1024, len(train)), 0))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return train.select([i for i in order if i not in taken][:n])
 
 
 if __name__ == "__main__":
