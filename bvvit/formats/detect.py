@@ -79,7 +79,8 @@ def _file_format(payload: dict[str, Any], path: Path) -> str:
     for name, looks_like in _KEY_DETECTORS:
         if looks_like(state):
             return name
-    raise CheckpointError(f"{path} is not a checkpoint BV-ViT knows: {_what_it_holds(state)}; "
+    raise CheckpointError(f"{path} is not a BV-ViT model file nor a ViT checkpoint BV-ViT knows: "
+                          f"{_what_it_holds(state)}; "
                           f"formats: {', '.join(FORMATS)} (force one with --model-format)")
 
 
