@@ -38,6 +38,9 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     source_format: str = "bvvit"  # bvvit | timm | hf | torchvision
     notes: list[str] = field(default_factory=list)  # assumptions made loading it, one line each
+    # The head outputs of the evaluation data's classes, in the data's order, when the data
+    # has only some of them (set by the PTQ job's inputs; None: the data's classes are the head's).
+    class_indices: Optional[tuple[int, ...]] = None
 
 
 def model_payload(model: VisionTransformer, class_names: list[str], preprocessing: Preprocessing,

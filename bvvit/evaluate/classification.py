@@ -95,6 +95,7 @@ def classification_metrics(
     labels: torch.Tensor | np.ndarray | Sequence[int],
     class_names: Sequence[str] | None = None,
     reference_logits: torch.Tensor | np.ndarray | None = None,
+    class_indices: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Accuracy figures for logits ``(N, C)`` against integer labels ``(N,)``.
 
@@ -113,6 +114,13 @@ def classification_metrics(
     (10 log10(sum ref^2 / sum (ref - test)^2); ``inf`` when identical) and ``kl_div``
     (mean KL(softmax(ref) || softmax(test)), nats). Each is computed by
     :mod:`bvvit.metrics`.
+
+    ``class_indices``: the outputs the data's classes are (a partial data set: some classes
+    of a larger head, e.g. 10 ImageNet synsets of 1000). Top-1/top-5/loss stay over every
+    output; the per-class figures and the confusion matrix (rows and columns: those classes,
+    in that order; predictions of other outputs count as errors outside it) cover those
+    classes; ``class_names`` (every output's) is reduced to them; ``num_outputs`` and
+    ``head_indices`` say so.
     """
     logits_t = torch.as_tensor(logits).detach().cpu().double()
     labels_t = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
@@ -136,10 +144,13 @@ def classification_metrics(
     top5 = _percent(int((topk_indices == labels_t[:, None]).any(dim=1).sum()), num_images)
     loss = float(F.cross_entropy(logits_t, labels_t))
 
-    confusion = torch.bincount(
-        labels_t * num_classes + predictions, minlength=num_classes * num_classes
-    ).reshape(num_classes, num_classes)
-    per_class_count = confusion.sum(dim=1)
+    if class_indices is None:
+        confusion = torch.bincount(
+            labels_t * num_classes + predictions, minlength=num_classes * num_classes
+        ).reshape(num_classes, num_classes)
+        per_class_count = confusion.sum(dim=1)
+    else:
+        confusion, per_class_count = _partial_confusion(labels_t, predictions, class_indices, num_classes)
     per_class_correct = confusion.diagonal()
     per_class_accuracy = [
         _percent(int(correct), int(count)) if count > 0 else None
@@ -159,6 +170,11 @@ def classification_metrics(
     }
     if class_names is not None:
         metrics["class_names"] = list(class_names)
+    if class_indices is not None:
+        metrics["num_outputs"], metrics["num_classes"] = int(num_classes), len(class_indices)
+        metrics["head_indices"] = [int(i) for i in class_indices]
+        if class_names is not None:
+            metrics["class_names"] = [class_names[i] for i in class_indices]
 
     if reference_logits is not None:
         reference_t = torch.as_tensor(reference_logits).detach().cpu().double()
@@ -178,6 +194,21 @@ def classification_metrics(
     return metrics
 
 
+def _partial_confusion(labels: torch.Tensor, predictions: torch.Tensor, class_indices: Sequence[int],
+                       num_outputs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K x K confusion among the K classes ``class_indices``, images per class): a
+    prediction of another output is in no column."""
+    local = torch.full((num_outputs,), -1, dtype=torch.long)
+    local[torch.as_tensor(list(class_indices), dtype=torch.long)] = torch.arange(len(class_indices))
+    true, predicted = local[labels], local[predictions]
+    if bool((true < 0).any()):
+        raise ValueError("a label is not among class_indices")
+    k = len(class_indices)
+    inside = predicted >= 0
+    confusion = torch.bincount(true[inside] * k + predicted[inside], minlength=k * k).reshape(k, k)
+    return confusion, torch.bincount(true, minlength=k)
+
+
 def evaluate_classifier(
     model: ModelOrFn,
     loader: Iterable,
@@ -186,8 +217,10 @@ def evaluate_classifier(
     device: str | torch.device = "cpu",
     progress: bool = False,
     max_batches: int | None = None,
+    class_indices: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """:func:`collect_logits` then :func:`classification_metrics`.
+    """:func:`collect_logits` then :func:`classification_metrics` (``class_indices``: the
+    outputs a partial data set's classes are).
 
     Returns ``(metrics, logits)``; keep ``logits`` of the float model to pass as
     ``reference_logits`` when evaluating its quantized versions on the same loader.
@@ -195,7 +228,7 @@ def evaluate_classifier(
     logits, labels = collect_logits(model, loader, device=device, progress=progress,
                                     max_batches=max_batches)
     metrics = classification_metrics(logits, labels, class_names=class_names,
-                                     reference_logits=reference_logits)
+                                     reference_logits=reference_logits, class_indices=class_indices)
     return metrics, logits
 
 

@@ -17,6 +17,7 @@ from bvvit.config import ModelConfig
 from bvvit.data import DataSource, resolve_data
 from bvvit.errors import DataError
 from bvvit.model_file import LoadedModel, load_model_file
+from bvvit.ptq.classes import map_classes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[i
         source = _foreign_data(loaded, model_path, data_path)
     else:
         source = resolve_data(data_path or stored_data_path(loaded, model_path))
-    _check_classes(loaded, list(source.class_names), source.describe(), model_path)
+    _map_classes(loaded, source, model_path)
     if source.in_chans != loaded.config.in_chans:
         raise DataError(f"{source.describe()} has {source.in_chans}-channel images but the model "
                         f"expects {loaded.config.in_chans}; pass the --data-path it was trained on")
@@ -46,17 +47,12 @@ def load_inputs(model_path: str, data_path: Optional[str], num_heads: Optional[i
 
 
 def _foreign_data(loaded: LoadedModel, model_path: str, data_path: Optional[str]) -> DataSource:
-    """The data of another library's checkpoint: ``data_path`` is required; when the
-    checkpoint names no classes, the data's (sorted) class folders name the head's outputs."""
+    """The data of another library's checkpoint: ``data_path`` is required (its classes are
+    matched to the head by :func:`_map_classes`)."""
     if not data_path:
         raise DataError(f"{model_path} is a {loaded.source_format} checkpoint, which records no data "
                         "set: pass --data-path (an ImageNet-style folder whose class folders match its head)")
     source = resolve_data(data_path)
-    if not loaded.class_names:
-        if source.num_classes != loaded.config.num_classes:
-            raise DataError(f"{source.describe()} has {source.num_classes} classes but the head of "
-                            f"{model_path} has {loaded.config.num_classes}")
-        loaded.class_names = list(source.class_names)
     c, pre = loaded.config, loaded.preprocessing
     log.info(f"{loaded.source_format} checkpoint: ViT depth {c.depth}, dim {c.embed_dim}, {c.num_heads} "
              f"heads, patch {c.patch_size}, {c.img_size}px, {_architecture_words(c)}; preprocessing "
@@ -92,14 +88,16 @@ def stored_data_path(loaded: LoadedModel, model_path: str) -> str:
                     "--data-path with the folder the model was trained on")
 
 
-def _check_classes(loaded: LoadedModel, source_classes: list[str], data_desc: str, model_path: str) -> None:
-    if list(source_classes) != list(loaded.class_names):
-        raise DataError(f"{data_desc} has classes {_short(source_classes)} but {model_path} was trained "
-                        f"on {_short(loaded.class_names)}; pass the --data-path it was trained on")
-
-
-def _short(names: list[str]) -> str:
-    return "[" + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") + f"] ({len(names)})"
+def _map_classes(loaded: LoadedModel, source: DataSource, model_path: str) -> None:
+    """Which head output each class of the data is (:func:`bvvit.ptq.classes.map_classes`):
+    ``loaded.class_names`` become every output's name, ``loaded.class_indices`` the outputs
+    of a data set with only some classes (said in one line)."""
+    mapping = map_classes(source.class_names, loaded.class_names, loaded.config.num_classes,
+                          source.describe(), model_path)
+    loaded.class_names = list(mapping.head_names)
+    loaded.class_indices = None if mapping.is_identity else mapping.head_indices
+    if mapping.describe():
+        log.info(mapping.describe())
 
 
 __all__ = ["load_inputs", "stored_data_path"]

@@ -43,6 +43,7 @@ from bvvit.io import json_safe
 from bvvit.ptq.cache import cache_base
 from bvvit.ptq.calibration import build_calibration_set
 from bvvit.ptq.calibration import describe as describe_calibration
+from bvvit.ptq.classes import HeadLabels
 from bvvit.ptq.inputs import load_inputs
 from bvvit.ptq.mixed import mixed_precision_variant
 from bvvit.ptq.onnx import onnx_int8
@@ -128,6 +129,8 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
                                  job.preprocessing)
     pre = loaded.preprocessing
     val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=job.eval_subset)
+    if loaded.class_indices is not None:  # a partial data set: labels are the head's outputs
+        val_set = HeadLabels(val_set, loaded.class_indices)
     if info.enabled and len(val_set) < info.world_size:
         raise DataError(f"{len(val_set)} evaluation images cannot be shared by {info.world_size} "
                         "processes; run with fewer processes or more images")
@@ -145,6 +148,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
              f"evaluating on {len(val_set)} images, {describe_calibration(calib.record)}")
 
     fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
+                                                class_indices=loaded.class_indices,
                                                 device=device, progress=job.progress)
     fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
     fp_bytes = fp_file["size_bytes"]

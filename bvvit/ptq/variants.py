@@ -95,6 +95,7 @@ def make_variant(out: Path, name: str, cfg: QuantConfig, cache_key: dict[str, An
                                      loaded, report, float_dtype=job.float_dtype)
     metrics, logits = evaluate_classifier(qmodel, val_loader, loaded.class_names,
                                           reference_logits=fp_logits, device=job.device,
+                                          class_indices=loaded.class_indices,
                                           progress=job.progress)
     variant = Variant(name, qmodel, cfg, metrics, report.to_dict(), file_info, logits)
     save_result(out, name, cache_key, cfg, metrics, variant.report, file_info)

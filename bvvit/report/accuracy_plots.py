@@ -205,7 +205,7 @@ def per_class_change(summary: dict[str, Any]) -> Optional[dict[str, Any]]:
     if not columns:
         return None
     fp_metrics = variants[fp["name"]]["metrics"]
-    class_names = summary.get("class_names") or fp_metrics.get("class_names") or \
+    class_names = fp_metrics.get("class_names") or summary.get("class_names") or \
         [str(i) for i in range(len(fp_metrics["per_class_accuracy"]))]
     base = [num(v) for v in fp_metrics["per_class_accuracy"]]
     change = [[None if num(v) is None or b is None else num(v) - b
@@ -275,7 +275,7 @@ def confusion_caption(summary: dict[str, Any], name: str) -> str:
     diff = np.array(metrics["confusion"]) - np.array(variants[fp["name"]]["metrics"]["confusion"])
     n = metrics.get("num_images") or int(np.array(metrics["confusion"]).sum())
     changed = round((100.0 - row["agreement"]) * n / 100.0)
-    classes = summary.get("class_names") or [str(i) for i in range(diff.shape[0])]
+    classes = metrics.get("class_names") or summary.get("class_names") or [str(i) for i in range(diff.shape[0])]
     off = diff.copy()
     np.fill_diagonal(off, 0)
     text = (f"At {display_name(name)}, {changed} of {n} images get a different top-1 class than FP32 "
@@ -297,7 +297,7 @@ def plot_confusion(summary: dict[str, Any], out_dir: Path, name: str) -> tuple[O
     reference = np.array(variants[fp["name"]]["metrics"]["confusion"])
     matrix = np.array(metrics["confusion"])
     diff = matrix - reference
-    classes = list(summary.get("class_names") or [str(i) for i in range(len(matrix))])
+    classes = list(metrics.get("class_names") or summary.get("class_names") or [str(i) for i in range(len(matrix))])
     k = len(classes)
     annotate, show_ticks = k <= 15, k <= 40
     side = min(5.5, 1.3 + 0.32 * k)
