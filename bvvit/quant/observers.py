@@ -30,7 +30,6 @@ from bvvit.quant.primitives import (
     PerTensor,
     QParams,
     choose_qparams,
-    fake_quantize,
     qrange,
     reduce_minmax,
     to_rows,
@@ -278,48 +277,80 @@ class MSEObserver(Observer):
         self._add_to_reservoir(rows)
 
     def _add_to_reservoir(self, rows: Tensor) -> None:
-        """Vectorised reservoir sampling (algorithm R); all rows share the slot choices."""
+        """Keep a uniform sample of at most ``capacity`` values per row, at a cost that
+        grows with the capacity, not with the values seen (no random number per value).
+
+        While everything seen fits, everything is kept. Afterwards each batch is merged
+        with the kept sample in proportion to how many values each stands for: a uniform
+        draw of ``capacity * m / (seen + m)`` of the batch's ``m`` columns and a uniform
+        draw of the rest from the kept sample (stratified by batch; all rows share the
+        column choices). Draws come from the observer's seeded generator.
+        """
         num_rows, m = rows.shape
         capacity = max(1, min(self.max_samples_per_row, self.max_total_samples // num_rows))
         if self.reservoir is None:
             self.reservoir = rows.new_empty(num_rows, 0)
-        fill = min(capacity - self.reservoir.shape[1], m)
-        if fill > 0:
-            self.reservoir = torch.cat([self.reservoir, rows[:, :fill]], dim=1)
-        rest = m - fill
-        if rest > 0:
-            # value number t (1-based) replaces slot j ~ U{0..t-1} when j < capacity
-            t = torch.arange(self.num_seen + fill + 1, self.num_seen + m + 1, dtype=torch.float64)
-            u = torch.rand(rest, generator=self._generator, dtype=torch.float64)
-            slots = torch.floor(u * t).to(torch.int64).to(rows.device)
-            accepted = torch.nonzero(slots < capacity).squeeze(1)
-            if accepted.numel():
-                slots = slots[accepted]
-                order = torch.sort(slots, stable=True).indices  # later values win a slot
-                slots, cols = slots[order], accepted[order]
-                last = torch.ones_like(slots, dtype=torch.bool)
-                last[:-1] = slots[1:] != slots[:-1]
-                self.reservoir[:, slots[last]] = rows[:, fill + cols[last]]
+        kept = self.reservoir.shape[1]
+        if self.num_seen == kept and kept + m <= capacity:
+            self.reservoir = torch.cat([self.reservoir, rows], dim=1)
+        else:
+            total = self.num_seen + m
+            take_new = min(m, max(1, round(capacity * m / total)))
+            take_old = min(kept, capacity - take_new)
+            old_cols = _sample_columns(kept, take_old, self._generator).to(rows.device)
+            new_cols = _sample_columns(m, take_new, self._generator).to(rows.device)
+            self.reservoir = torch.cat([self.reservoir[:, old_cols], rows[:, new_cols]], dim=1)
         self.num_seen += m
 
     def _minmax(self, bits: int) -> tuple[Tensor, Tensor]:
+        """The best ``alpha`` per row, searched on row chunks that stay in the CPU cache
+        (rows are independent) with in-place temporaries: the same arithmetic as
+        ``|x - fake_quantize(x)|^p`` summed in float64."""
         assert self.min_val is not None and self.max_val is not None and self.reservoir is not None
-        qmin, qmax = qrange(bits, self.symmetric)
         data = self.reservoir  # (R, S)
         row_min = self.min_val.reshape(-1, 1)
         row_max = self.max_val.reshape(-1, 1)
+        alphas = torch.ones_like(row_min)
+        rows_per_chunk = max(1, _SEARCH_CHUNK_VALUES // max(1, data.shape[1]))
+        for start in range(0, data.shape[0], rows_per_chunk):
+            end = start + rows_per_chunk
+            alphas[start:end] = self._best_alpha(data[start:end], row_min[start:end], row_max[start:end], bits)
+        shape = self.min_val.shape
+        return (alphas * row_min).reshape(shape), (alphas * row_max).reshape(shape)
+
+    def _best_alpha(self, data: Tensor, row_min: Tensor, row_max: Tensor, bits: int) -> Tensor:
+        """(rows, 1) clipping factor with the least error for each row of ``data``."""
+        qmin, qmax = qrange(bits, self.symmetric)
         best_err = torch.full((data.shape[0], 1), math.inf, dtype=torch.float64, device=data.device)
         best_alpha = torch.ones_like(row_min)
+        work = torch.empty_like(data)
         for k in range(self.num_candidates, 0, -1):
             alpha = torch.tensor(k / self.num_candidates, dtype=torch.float32, device=data.device)
             scale, zero_point = choose_qparams(alpha * row_min, alpha * row_max, bits, self.symmetric)
-            diff = (data - fake_quantize(data, scale, zero_point, qmin, qmax)).abs()
-            err = (diff * diff if self.p == 2.0 else diff.pow(self.p)).sum(dim=1, keepdim=True, dtype=torch.float64)
+            zp = zero_point.to(torch.float32)
+            # fake_quantize(data) - data: round(x * (1 / scale)) + zp, clamp, - zp, * scale
+            torch.mul(data, 1.0 / scale, out=work)
+            work.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).sub_(data)
+            powered = work.mul_(work) if self.p == 2.0 else work.abs_().pow_(self.p)
+            err = powered.sum(dim=1, keepdim=True, dtype=torch.float64)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_alpha = torch.where(better, alpha, best_alpha)
-        shape = self.min_val.shape
-        return (best_alpha * row_min).reshape(shape), (best_alpha * row_max).reshape(shape)
+        return best_alpha
+
+
+_SEARCH_CHUNK_VALUES = 1 << 16  # values per row chunk of the MSE search (fits in L2 cache)
+
+
+def _sample_columns(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` column indices drawn uniformly from ``range(n)``: without replacement (a
+    permutation) when ``n <= 8 k``; with replacement above that (duplicates are rare, about
+    ``k / 2n`` of the draws, and a permutation of a 30M-value tensor is what this avoids)."""
+    if k >= n:
+        return torch.arange(n)
+    if n <= 8 * k:
+        return torch.randperm(n, generator=generator)[:k]
+    return torch.randint(n, (k,), generator=generator)
 
 
 OBSERVERS: dict[str, type[Observer]] = {

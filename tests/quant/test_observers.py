@@ -231,6 +231,57 @@ def test_mse_total_sample_budget_splits_across_rows():
     assert obs.reservoir.shape == (16, 50)
 
 
+def test_mse_reservoir_draws_scale_with_its_capacity_not_with_the_values_seen(monkeypatch):
+    """A ViT-B softmax is 30M values a batch: one random number per value was most of the
+    calibration time; the sample's draws must stay O(capacity) per update."""
+    drawn = []
+    for name in ("rand", "randint", "randperm"):
+        original = getattr(torch, name)
+
+        def recording(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            drawn.append(out.numel())
+            return out
+        monkeypatch.setattr(torch, name, recording)
+    obs = MSEObserver(granularity=PerTensor(), max_samples_per_row=1000)
+    for seed in range(4):
+        obs.update(_randn(seed, 100_000))
+    assert obs.reservoir.shape == (1, 1000)
+    assert max(drawn) <= 8 * 1000
+
+
+def test_mse_reservoir_is_a_uniform_sample_of_every_batch():
+    """Each batch holds its share of the kept sample (batch i is filled with value i)."""
+    obs = MSEObserver(granularity=PerTensor(), max_samples_per_row=2000)
+    for i in range(10):
+        obs.update(torch.full((5000,), float(i)))
+    counts = torch.bincount(obs.reservoir.reshape(-1).long(), minlength=10)
+    assert int(counts.sum()) == 2000
+    assert int(counts.min()) >= 120 and int(counts.max()) <= 280  # 200 each, binomial noise
+
+
+def test_mse_search_in_row_chunks_matches_the_reference_search():
+    """The chunked in-place search gives exactly the qparams of the plain formula."""
+    from bvvit.quant.primitives import fake_quantize, qrange
+    weight = _randn(3, 300, 700) * 0.02  # 300 rows x 700 values: several row chunks
+    obs = MSEObserver(granularity=PerChannel(0), symmetric=True, num_candidates=40)
+    obs.update(weight)
+    for bits in (3, 8):
+        qmin, qmax = qrange(bits, True)
+        best = []
+        for row in range(weight.shape[0]):
+            lo, hi = obs.min_val[row], obs.max_val[row]
+            errors = []
+            for k in range(40, 0, -1):
+                scale, zp = choose_qparams(k / 40 * lo, k / 40 * hi, bits, True)
+                errors.append(float(((weight[row] - fake_quantize(weight[row], scale, zp, qmin, qmax)) ** 2)
+                                    .sum(dtype=torch.float64)))
+            best.append((40 - min(range(40), key=lambda i: (errors[i], i))) / 40)
+        lo, hi = obs._minmax(bits)
+        expected = torch.tensor(best, dtype=torch.float32).reshape(lo.shape)
+        assert torch.equal(lo, expected * obs.min_val) and torch.equal(hi, expected * obs.max_val)
+
+
 # ------------------------------------------------------------------ common behaviour
 
 
