@@ -9,6 +9,7 @@ columns with large Hessian diagonals (important inputs) first.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -18,19 +19,38 @@ from bvvit.quant.hooks import run_with_hooks
 from bvvit.quant.primitives import PerGroup, QParams
 
 
+MAX_HESSIAN_ROWS = 1 << 15  # input rows per layer that enter a Hessian (see input_hessians)
+
+
 @torch.no_grad()
 def input_hessians(model: nn.Module, loader: Iterable, names: list[str],
-                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """``2 X^T X / n`` of each named Linear's input rows over ``loader`` (float64)."""
+                   device: torch.device | str = "cpu", max_rows: int = MAX_HESSIAN_ROWS,
+                   seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``2 X^T X / n`` of each named Linear's input rows over ``loader`` (float64).
+
+    At most about ``max_rows`` rows per layer enter the sum: when the loader holds more
+    (images x tokens: a ViT-B/16 at 1,024 images has 201,728 rows per layer, and x^T x of
+    its fc2 input would cost ~4 TFLOP in float64 per layer), each batch contributes a seeded
+    uniform subset of its rows in proportion. Fewer rows than ``max_rows`` are all used.
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    num_images = len(getattr(loader, "dataset", ())) or None
+    generator = torch.Generator().manual_seed(seed)
 
     def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (rows, in)
+        x = inputs[0].detach()
+        tokens = x.shape[1] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1])
+        if num_images is not None and num_images * tokens > max_rows:
+            keep = max(1, math.ceil(x.shape[0] * max_rows / (num_images * tokens)))
+            rows = torch.randperm(x.shape[0], generator=generator)[:keep].sort().values
+            x = x[rows.to(x.device)]
+        x = x.double()  # (rows, in)
         sums[name] = sums.get(name, 0) + x.T @ x
         counts[name] = counts.get(name, 0) + x.shape[0]
 
-    run_with_hooks(model, loader, names, record, device)
+    run_with_hooks(model, loader, names, record, device, progress, desc="GPTQ Hessians")
     return {name: 2.0 * sums[name] / counts[name] for name in sums}
 
 

@@ -6,17 +6,20 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 
 @torch.no_grad()
 def run_with_hooks(model: nn.Module, loader: Iterable, names: list[str],
-                   record: Callable[[str, tuple, Any], None], device: torch.device | str = "cpu") -> None:
-    """Call ``record(name, inputs, output)`` for every forward of each named module."""
+                   record: Callable[[str, tuple, Any], None], device: torch.device | str = "cpu",
+                   progress: bool = False, desc: str = "float pass") -> None:
+    """Call ``record(name, inputs, output)`` for every forward of each named module
+    (a progress bar with ETA, labelled ``desc``, when ``progress``)."""
     handles = [model.get_submodule(name).register_forward_hook(
         lambda module, inputs, output, name=name: record(name, inputs, output)) for name in names]
     try:
         model.eval()
-        for images, _ in loader:
+        for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
             model(images.to(device))
     finally:
         for handle in handles:

@@ -49,6 +49,7 @@ class QuantReport:
     extras: dict[str, Any] = field(default_factory=dict)  # technique-specific statistics
     calibration_images: int = 0
     calibration_time_s: float = 0.0
+    timings: dict[str, Any] = field(default_factory=dict)  # seconds per step (see quantize_model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,8 +185,66 @@ def _missing(cfg: QuantConfig, float_model: nn.Module, qmodel: nn.Module) -> lis
     return warnings
 
 
+class SharedFloatStatistics:
+    """What the recipe computes from the FLOAT model over the calibration images, which is the
+    same at every bit depth: the rotated and/or reparameterized float model (from the
+    LayerNorm output ranges) and the GPTQ Hessians of its Linears' inputs.
+
+    A PTQ job passes one object to every :func:`quantize_model` call of a run, so these
+    passes over the calibration images run once instead of once per variant. The results
+    are bit-identical to computing them per variant (same float model, same images in the
+    same order). Holds the statistics of one (model, loader, rotation, reparameterization):
+    the float copy and the Hessians (ViT-B/16: 0.34 GB and 1.1 GB), until :meth:`clear`.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything (frees the float copy and the Hessians)."""
+        self._key: Optional[tuple] = None
+        self._work: Optional[VisionTransformer] = None
+        self._float_extras: Optional[dict[str, Any]] = None
+        self._hessians: dict[str, torch.Tensor] = {}
+        self._hessian_key: Optional[tuple] = None
+
+    def _select(self, key: tuple) -> None:
+        if key != self._key:
+            self.clear()
+            self._key = key
+
+    def float_model(self, model: VisionTransformer, loader: Iterable, cfg: QuantConfig,
+                    device: torch.device | str, progress: bool) -> tuple[VisionTransformer, dict[str, Any], bool]:
+        """(the rotated and/or reparameterized copy of ``model`` per ``cfg``, the statistics
+        of those steps, whether it was reused)."""
+        self._select((model, loader, cfg.rotation, cfg.reparam, str(device)))
+        if self._work is not None and self._float_extras is not None:
+            return self._work, self._float_extras, True
+        work = copy.deepcopy(model).eval()
+        extras: dict[str, Any] = {}
+        if cfg.rotation.enabled:
+            extras["rotation"] = rotate_model(work, cfg.rotation.seed)
+        if cfg.reparam.enabled:
+            extras["reparam"] = reparameterize_layernorms(work, loader, cfg.reparam.alpha, device, progress)
+        self._work, self._float_extras = work, extras
+        return work, extras, False
+
+    def hessians(self, work: VisionTransformer, loader: Iterable, names: list[str], device: torch.device | str,
+                 seed: int, progress: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        """(GPTQ Hessians of ``names`` in ``work``, whether they were reused)."""
+        key = (work, loader, str(device), seed)
+        if key == self._hessian_key and set(names) <= set(self._hessians):
+            return self._hessians, True
+        if work is not self._work:  # the plain float model (no reparameterization)
+            self._select((work, loader, None, str(device)))
+        self._hessians = input_hessians(work, loader, names, device, seed=seed, progress=progress)
+        self._hessian_key = key
+        return self._hessians, False
+
+
 def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
-            device: torch.device | str = "cpu"
+            device: torch.device | str = "cpu", shared: Optional[SharedFloatStatistics] = None,
+            progress: bool = False, timings: Optional[dict[str, Any]] = None
             ) -> tuple[VisionTransformer, VisionTransformer, list[str], dict[str, Any]]:
     """Everything before calibration: (float model as the quantized one sees it, uncalibrated
     quantized model, warnings, technique statistics).
@@ -193,47 +252,65 @@ def prepare(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Opti
     The float model is ``model`` itself, or a rotated and/or reparameterized copy (both are
     exact in float, so it computes the same function); GPTQ codes replace rounding when
     the config asks. ``model`` is never modified. The rotation comes first: it folds the
-    LayerNorm affines away, so a reparameterization before it would be undone.
+    LayerNorm affines away, so a reparameterization before it would be undone. ``shared``
+    reuses the float model of an earlier call with the same model, loader and options, and
+    its GPTQ Hessians (:class:`SharedFloatStatistics`); ``timings`` receives the seconds of
+    each step.
     """
     if (cfg.reparam.enabled or cfg.gptq.enabled or cfg.reconstruct.enabled) and calibration_loader is None:
         raise ConfigError("LayerNorm reparameterization, GPTQ and reconstruction need calibration data")
+    shared = shared if shared is not None else SharedFloatStatistics()
+    timings = timings if timings is not None else {}
     work = model
     extras: dict[str, Any] = {}
+    start = time.perf_counter()
     if cfg.rotation.enabled or cfg.reparam.enabled:
-        work = copy.deepcopy(model).eval()
-    if cfg.rotation.enabled:
-        extras["rotation"] = rotate_model(work, cfg.rotation.seed)
-    if cfg.reparam.enabled:
-        extras["reparam"] = reparameterize_layernorms(work, calibration_loader, cfg.reparam.alpha, device)
+        work, float_extras, reused = shared.float_model(model, calibration_loader, cfg, device, progress)
+        extras.update(float_extras)
+        timings["float_model_s"] = time.perf_counter() - start
+        timings["float_model_reused"] = reused
+    start = time.perf_counter()
     qmodel, warnings = convert(work, cfg)
+    timings["convert_s"] = time.perf_counter() - start
     if cfg.gptq.enabled:
-        extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg.gptq, device)
+        start = time.perf_counter()
+        extras["gptq_layers"] = apply_gptq(work, qmodel, calibration_loader, cfg.gptq, device, shared=shared,
+                                           seed=cfg.seed, progress=progress, timings=timings)
+        timings["gptq_s"] = time.perf_counter() - start
     return work, qmodel, warnings, extras
 
 
 def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loader: Optional[Iterable],
-                   device: torch.device | str = "cpu", progress: bool = False
-                   ) -> tuple[VisionTransformer, QuantReport]:
+                   device: torch.device | str = "cpu", progress: bool = False,
+                   shared: Optional[SharedFloatStatistics] = None) -> tuple[VisionTransformer, QuantReport]:
     """Quantize a copy of ``model`` per ``cfg`` and calibrate it on ``calibration_loader``.
 
     Static activation quantization needs calibration data: ``calibration_loader=None``
-    with any activation quantizer enabled raises :class:`ConfigError`.
+    with any activation quantizer enabled raises :class:`ConfigError`. ``shared`` carries
+    the float statistics from one call to the next (:class:`SharedFloatStatistics`).
+    The report's ``timings`` holds the seconds of each step (``float_model_s``: rotation and
+    LayerNorm reparameterization, ``convert_s``: weight observers, ``gptq_hessians_s``,
+    ``gptq_s``, ``calibrate_s``, ``reconstruct_s``) and whether the float statistics were
+    reused (``*_reused``).
     """
     start = time.perf_counter()
-    work, qmodel, warnings, extras = prepare(model, cfg, calibration_loader, device)
+    timings: dict[str, Any] = {}
+    work, qmodel, warnings, extras = prepare(model, cfg, calibration_loader, device, shared, progress, timings)
     needs_calibration = bool(act_quantizers(qmodel))
-    report = QuantReport(config=cfg.to_dict(), warnings=warnings, extras=extras)
+    report = QuantReport(config=cfg.to_dict(), warnings=warnings, extras=extras, timings=timings)
     if needs_calibration:
         if calibration_loader is None:
             raise ConfigError("static activation quantization needs calibration data; "
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
-        report.calibration_images, _ = calibrate(qmodel, calibration_loader, device, progress)
+        report.calibration_images, timings["calibrate_s"] = calibrate(qmodel, calibration_loader, device, progress)
         if cfg.softmax.method == "auto":
             report.extras["softmax_grids"] = choose_softmax_grids(qmodel, calibration_loader, device=device)
     if cfg.reconstruct.enabled:
+        step = time.perf_counter()
         report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
                                                          device, seed=cfg.seed)
+        timings["reconstruct_s"] = time.perf_counter() - step
     report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)
     report.coverage, report.layers = coverage_table(qmodel)
@@ -241,13 +318,19 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
 
 
 def apply_gptq(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, options: GPTQOptions,
-               device: torch.device | str = "cpu") -> list[str]:
+               device: torch.device | str = "cpu", shared: Optional[SharedFloatStatistics] = None,
+               seed: int = 0, progress: bool = False, timings: Optional[dict[str, Any]] = None) -> list[str]:
     """Replace round-to-nearest codes of every quantized Linear by GPTQ codes, using the
     float model's inputs to that layer as the Hessian data. Returns the layers changed."""
     names = [n for n, m in qmodel.named_modules()
              if isinstance(m, QuantLinear) and m.weight_qparams is not None]
-    hessians = input_hessians(float_model, loader, names, device)
-    for name in names:
+    shared = shared if shared is not None else SharedFloatStatistics()
+    start = time.perf_counter()
+    hessians, reused = shared.hessians(float_model, loader, names, device, seed, progress)
+    if timings is not None:
+        timings["gptq_hessians_s"] = time.perf_counter() - start
+        timings["gptq_hessians_reused"] = reused
+    for name in tqdm(names, desc="GPTQ", disable=not progress, leave=False):
         module = qmodel.get_submodule(name)
         float_weight = float_model.get_submodule(name).weight
         codes = gptq_codes(float_weight, hessians[name], module.weight_qparams, options.damp,

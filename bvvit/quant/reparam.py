@@ -38,8 +38,8 @@ def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, tuple[str, ..
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
-                   device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_ranges(model: nn.Module, loader: Iterable, names: list[str], device: torch.device | str = "cpu",
+                   progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (min, max) of each named module's INPUT over ``loader``: what the Linear
     after a LayerNorm sees (a head: only the tokens it reads, pooled)."""
     ranges: dict[str, list[torch.Tensor]] = {}
@@ -52,7 +52,7 @@ def channel_ranges(model: nn.Module, loader: Iterable, names: list[str],
         else:
             ranges[name] = [lo, hi]
 
-    run_with_hooks(model, loader, names, record, device)
+    run_with_hooks(model, loader, names, record, device, progress, desc="LayerNorm ranges")
     return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
 
 
@@ -72,11 +72,12 @@ def fold_channel_affine(norm: nn.LayerNorm, linears: Sequence[nn.Linear], r: tor
 
 @torch.no_grad()
 def reparameterize_layernorms(model: VisionTransformer, loader: Iterable, alpha: float = 1.0,
-                              device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+                              device: torch.device | str = "cpu", progress: bool = False
+                              ) -> dict[str, dict[str, float]]:
     """Equalise post-LayerNorm channel ranges of ``model`` in place; returns statistics
     (max/median channel range before and after) per LayerNorm."""
     pairs = norm_linear_pairs(model)
-    ranges = channel_ranges(model, loader, [name for _, linears in pairs for name in linears], device)
+    ranges = channel_ranges(model, loader, [name for _, linears in pairs for name in linears], device, progress)
     stats = {}
     for norm_name, linear_names in pairs:
         lo = torch.stack([ranges[name][0] for name in linear_names]).amin(dim=0)

@@ -1,0 +1,71 @@
+"""What keeps a 224-px run within time and memory: float statistics shared by every bit
+depth, the bounded GPTQ Hessian sample, the timings and progress of each step."""
+
+import torch
+
+from bvvit.quant import quantize as quantize_module
+from bvvit.quant.gptq import input_hessians
+from bvvit.quant.quantize import SharedFloatStatistics, quantize_model
+from bvvit.quant.recipes import make_quant_config
+from tests.quant.tiny import noise_loader
+
+
+def _state(qmodel):
+    out = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    for name, module in qmodel.named_modules():
+        qparams = getattr(module, "qparams", None)
+        if qparams is not None and hasattr(qparams, "scale"):
+            out[f"{name}.qparams.scale"] = qparams.scale.clone()
+            out[f"{name}.qparams.zero_point"] = qparams.zero_point.clone()
+    return out
+
+
+def test_shared_float_statistics_give_the_same_models_with_one_float_pass(model, monkeypatch):
+    """Every bit depth reuses the reparameterized model and the Hessians of the first: bit-
+    identical to computing them per variant, and the float passes run once."""
+    loader = noise_loader(24, 8)
+    configs = [make_quant_config("vit", bits, bits, calib_size=24, reconstruct={"enabled": False})
+               for bits in (4, 6, 8)]
+    alone = [_state(quantize_model(model, cfg, loader)[0]) for cfg in configs]
+
+    passes = {"reparam": 0, "hessians": 0}
+    reparam, hessians = quantize_module.reparameterize_layernorms, quantize_module.input_hessians
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            passes[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(quantize_module, "reparameterize_layernorms", counted("reparam", reparam))
+    monkeypatch.setattr(quantize_module, "input_hessians", counted("hessians", hessians))
+    shared = SharedFloatStatistics()
+    reports = []
+    for cfg, expected in zip(configs, alone):
+        qmodel, report = quantize_model(model, cfg, loader, shared=shared)
+        reports.append(report)
+        got = _state(qmodel)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert passes == {"reparam": 1, "hessians": 1}
+    assert [r.timings["float_model_reused"] for r in reports] == [False, True, True]
+    assert [r.timings["gptq_hessians_reused"] for r in reports] == [False, True, True]
+    for key in ("float_model_s", "convert_s", "gptq_hessians_s", "gptq_s", "calibrate_s"):
+        assert all(r.timings[key] >= 0.0 for r in reports)
+    shared.clear()
+    assert shared._work is None and not shared._hessians
+
+
+def test_input_hessians_use_a_bounded_seeded_row_sample(model):
+    """Above ``max_rows`` rows (images x tokens) each batch gives a proportional random
+    subset; below it every row is used (the demo model's Hessians are unchanged)."""
+    loader = noise_loader(16, 8)  # 16 images x 17 tokens = 272 rows per layer
+    names = ["blocks.0.mlp.fc1"]
+    full = input_hessians(model, loader, names)
+    assert torch.equal(full[names[0]], input_hessians(model, loader, names, max_rows=272)[names[0]])
+    sampled = input_hessians(model, loader, names, max_rows=64)[names[0]]
+    again = input_hessians(model, loader, names, max_rows=64)[names[0]]
+    assert torch.equal(sampled, again)
+    assert not torch.equal(sampled, full[names[0]])
+    # an estimate of the same second moment: close, not equal
+    rel = float((sampled - full[names[0]]).norm() / full[names[0]].norm())
+    assert rel < 0.5
