@@ -232,23 +232,25 @@ def weight_statistics(fp_model: nn.Module, qmodels: nn.Module | Mapping[str, nn.
         lo, hi = float(flat.min()), float(flat.max())
         edges = _edges(lo, hi, bins)
         counts = torch.histc(flat, bins, edges[0], edges[-1])
-        entry = {"layer": layer, "shape": list(weight.shape), "min": lo, "max": hi,
-                 "std": float(flat.std()) if flat.numel() > 1 else 0.0,
-                 "histogram": {"edges": edges, "counts": [int(c) for c in counts]}, "quant": {}}
-        for name, model in variants.items():
+        out.append({"layer": layer, "shape": list(weight.shape), "min": lo, "max": hi,
+                    "std": float(flat.std()) if flat.numel() > 1 else 0.0,
+                    "histogram": {"edges": edges, "counts": [int(c) for c in counts]}, "quant": {}})
+    for name in variants:  # one variant at a time (they may be loaded on demand)
+        model = variants[name]
+        twin, reparameterized = twins[name]
+        for entry in out:
+            layer = entry["layer"]
             module = find_submodule(model, layer)
             if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
-                twin, reparameterized = twins[name]
                 float_weight = twin.get_submodule(layer).weight.detach().float().cpu()
                 grid = grid_range(module.weight_qparams)
                 matrix = float_weight.reshape(float_weight.shape[0], -1)
                 ch_lo, ch_hi = _saturation_limits(module.weight_qparams, matrix.shape[0])
                 outside = ((matrix < ch_lo) | (matrix > ch_hi)).sum()
                 entry["quant"][name] = {**grid, "sqnr_db": sqnr_db(float_weight, module.weight.detach().cpu()),
-                                        "clipped_fraction": float(outside) / flat.numel()}
+                                        "clipped_fraction": float(outside) / matrix.numel()}
                 if layer in reparameterized:
                     entry["quant"][name]["reparameterized"] = True
-        out.append(entry)
     return json_safe({"bins": bins, "layers": out})
 
 

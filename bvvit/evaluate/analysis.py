@@ -75,7 +75,7 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
     timing["activations"] = time.perf_counter() - start
     start = time.perf_counter()
     result["weights"] = weight_statistics(fp_model, qmodels)
-    result["sqnr"] = per_layer_sqnr(fp_model, qmodels, eval_loader, max_batches)
+    result["sqnr"] = per_layer_sqnr(fp_model, qmodels, eval_loader, max_batches, progress=progress)
     timing["sqnr"] = time.perf_counter() - start
     if level == "full":
         start = time.perf_counter()

@@ -200,12 +200,18 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def as_variants(qmodels: Any) -> dict[str, nn.Module]:
-    """``{variant name: model}`` from None, one model (named ``quantized``) or a mapping."""
+def as_variants(qmodels: Any) -> Mapping[str, nn.Module]:
+    """``{variant name: model}`` from None, one model (named ``quantized``) or a mapping.
+
+    A mapping is used as it is, not copied: it may load each model when asked for it (the
+    PTQ job's variants at 224 px do not all fit in memory at once), so callers take one
+    variant at a time and keep no model beyond its turn."""
     if qmodels is None:
         return {}
     if isinstance(qmodels, nn.Module):
         return {"quantized": qmodels}
+    if isinstance(qmodels, Mapping):
+        return qmodels
     return dict(qmodels)
 
 

@@ -28,9 +28,10 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -49,9 +50,10 @@ from bvvit.ptq.mixed import mixed_precision_variant
 from bvvit.ptq.onnx import onnx_int8
 from bvvit.ptq.output_dir import run_in_claimed_folder
 from bvvit.ptq.summary import build_summary, format_table, onnx_rows, write_summary
-from bvvit.ptq.variants import (Variant, config_maker, get_variant, measure_latency, quantizes_nothing,
-                                variant_config, variant_name)
+from bvvit.ptq.variants import (Variant, VariantModels, config_maker, get_variant, hold_within_budget,
+                                measure_latency, quantizes_nothing, variant_config, variant_name)
 from bvvit.quant.config import DEFAULT_BITS, DEFAULT_CALIB_SIZE, LayerOverride
+from bvvit.quant.quantize import SharedFloatStatistics
 from bvvit.quant.recipes import DEFAULT_RECIPE
 from bvvit.quant.storage import save_float_model
 from bvvit.report import write_report
@@ -123,10 +125,22 @@ def _raise_failures(summary: dict[str, Any], job: PTQJob) -> dict[str, Any]:
     return summary
 
 
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall seconds of the ``with`` body to ``timings[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
 def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     device = torch.device(job.device)
-    loaded, source = load_inputs(job.model_path, job.data_path, job.num_heads, job.model_format,
-                                 job.preprocessing)
+    timings: dict[str, float] = {}  # wall seconds per stage of the job (summary.json "timings")
+    with _stage(timings, "load_inputs_s"):
+        loaded, source = load_inputs(job.model_path, job.data_path, job.num_heads, job.model_format,
+                                     job.preprocessing)
     pre = loaded.preprocessing
     val_set = build_dataset(source, "val", build_transform(pre, train=False), subset=job.eval_subset)
     if loaded.class_indices is not None:  # a partial data set: labels are the head's outputs
@@ -147,10 +161,12 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
              f"patch {loaded.config.patch_size}); data: {source.describe()}; "
              f"evaluating on {len(val_set)} images, {describe_calibration(calib.record)}")
 
-    fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
-                                                class_indices=loaded.class_indices,
-                                                device=device, progress=job.progress)
-    fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
+    with _stage(timings, "fp32_evaluation_s"):
+        fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
+                                                    class_indices=loaded.class_indices,
+                                                    device=device, progress=job.progress)
+    with _stage(timings, "save_fp32_s"):
+        fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
     fp_bytes = fp_file["size_bytes"]
     fp_metrics.update({"top1_drop": 0.0, "agreement": 100.0, "lost_vs_fp32": 0,
                        "gained_vs_fp32": 0, "drop_p_value": 1.0, "sqnr_db": math.inf, "kl_div": 0.0})
@@ -162,15 +178,19 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
         cache_key["preprocessing"] = pre.to_dict()
     recipes = [job.recipe] + ([job.baseline] if job.baseline and job.baseline != job.recipe else [])
     skipped: list[str] = []
-    for w_bits, a_bits in dict.fromkeys(job.bit_pairs):  # each pair once, in the order given
-        for recipe in recipes:
-            cfg = variant_config(job, recipe, w_bits, a_bits, job.overrides)
-            name = variant_name(cfg, job.recipe)
-            if quantizes_nothing(fp_model, cfg):
-                skipped.append(name)
-                continue
-            variants.append(get_variant(out, name, cfg, cache_key, fp_model, fp_logits, loaded,
-                                        calib_loader, val_loader, job, reuse=not info.enabled))
+    shared = SharedFloatStatistics()  # float statistics computed once for every bit depth
+    with _stage(timings, "variants_s"):
+        for w_bits, a_bits in dict.fromkeys(job.bit_pairs):  # each pair once, in the order given
+            for recipe in recipes:
+                cfg = variant_config(job, recipe, w_bits, a_bits, job.overrides)
+                name = variant_name(cfg, job.recipe)
+                if quantizes_nothing(fp_model, cfg):
+                    skipped.append(name)
+                    continue
+                variants.append(get_variant(out, name, cfg, cache_key, fp_model, fp_logits, loaded,
+                                            calib_loader, val_loader, job, reuse=not info.enabled, shared=shared))
+                hold_within_budget(variants)  # 224-px models: reloaded from their files when needed
+    shared.clear()
     if skipped:
         log.warning(f"WARNING: nothing would be quantized (--override ...=float and the --no-* switches "
                     f"keep every layer float): skipped {', '.join(skipped)} and what needs them (their "
@@ -178,15 +198,19 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
 
     mixed = None
     if (job.avg_bits is not None or job.max_weight_bytes is not None) and not skipped:
-        mixed, variant = mixed_precision_variant(job, fp_model, fp_logits, loaded, calib_loader, val_loader,
-                                                 local_loader, out, cache_key, info)
+        with _stage(timings, "mixed_precision_s"):
+            mixed, variant = mixed_precision_variant(job, fp_model, fp_logits, loaded, calib_loader, val_loader,
+                                                     local_loader, out, cache_key, info)
         variants.append(variant)
+        hold_within_budget(variants)
 
-    onnx_result = onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) \
-        if job.onnx and not skipped else None
+    with _stage(timings, "onnx_s"):
+        onnx_result = onnx_int8(variants, fp_logits, val_loader, loaded, out, job, info) \
+            if job.onnx and not skipped else None
 
     # timed by rank 0 alone while the others wait, so no rank steals its cores
-    latency = measure_latency(variants, loaded, job) if info.is_main else {}
+    with _stage(timings, "latency_s"):
+        latency = measure_latency(variants, loaded, job) if info.is_main else {}
     summary = build_summary(job, loaded, source.describe(), calib.record, variants, latency, fp_bytes)
     if skipped:
         summary["skipped_variants"] = {name: "nothing quantized: every layer kept float" for name in skipped}
@@ -198,21 +222,35 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     elif onnx_result is not None:
         summary["onnx"] = json_safe(onnx_result)
         summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes)
+    summary["timings"] = _timings(timings, variants)
     write_summary(out, summary)
     log.info(format_table(summary["rows"]))
     log.info(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
     if job.analysis != "none" and info.is_main:
         start = time.perf_counter()
-        qmodels = {v.name: v.model for v in variants if v.config is not None}
-        analysis = run_analysis(job.analysis, fp_model, qmodels, calib_loader, local_loader, fp_logits,
-                                config_maker(job), progress=job.progress)
-        report_path = write_report(out, summary, analysis)
+        with _stage(timings, "analysis_s"):
+            analysis = run_analysis(job.analysis, fp_model, VariantModels(variants), calib_loader, local_loader,
+                                    fp_logits, config_maker(job), progress=job.progress)
+        with _stage(timings, "report_s"):
+            report_path = write_report(out, summary, analysis)
+        summary["timings"] = _timings(timings, variants)
+        write_summary(out, summary)  # again, with the analysis and report times
         log.info(f"analysis '{job.analysis}' took {time.perf_counter() - start:.1f}s; "
                  f"report: {report_path}")
         suggested = (analysis.get("sensitivity") or {}).get("cli")
         if suggested:
             log.info(f"most sensitive layers; to keep them at 8 bits add: {suggested}")
+    log.info("stage times: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in summary["timings"]["stages"].items()))
     return summary
+
+
+def _timings(stages: dict[str, float], variants: list[Variant]) -> dict[str, Any]:
+    """summary.json's ``timings``: wall seconds per job stage and, per variant, per step of
+    its quantization (``reparam_s``, ``gptq_s``, ``calibrate_s``, ...), save and evaluation."""
+    return json_safe({"stages": {k: round(v, 3) for k, v in stages.items()},
+                      "variants": {v.name: {k: round(x, 3) if isinstance(x, float) else x
+                                            for k, x in (v.report.get("timings") or {}).items()}
+                                   for v in variants if v.config is not None}})
 
 
 __all__ = ["PTQJob", "run"]

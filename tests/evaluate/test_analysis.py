@@ -235,3 +235,35 @@ def test_run_analysis_levels(model, qmodels, calib, evaluation):
     assert sens["images"] == 32 and sens["bits"] == [4] and len(sens["suggested_overrides"]) == 2
     assert sens["cli"] == overrides_cli(sens["suggested_overrides"])
     assert set(full["timing_s"]) == {"activations", "sqnr", "sensitivity"}
+
+
+def test_per_layer_sqnr_holds_one_chunk_of_taps_and_loads_one_variant_at_a_time(model, qmodels, evaluation):
+    """At 224 px the float tensors of every tap for a whole batch do not fit (ViT-B: ~110 MB
+    per image): a budget of one image's taps gives the same SQNR as the whole batch, and a
+    lazily loading mapping of variants is asked for each variant once, in turn."""
+    from collections.abc import Mapping
+
+    class Lazy(Mapping):
+        def __init__(self, models):
+            self.models, self.asked = models, []
+
+        def __getitem__(self, name):
+            self.asked.append(name)
+            return self.models[name]
+
+        def __iter__(self):
+            return iter(self.models)
+
+        def __len__(self):
+            return len(self.models)
+
+    whole = per_layer_sqnr(model, qmodels, evaluation, max_batches=1)
+    lazy = Lazy(qmodels)
+    chunked = per_layer_sqnr(model, lazy, evaluation, max_batches=1, tap_budget_bytes=1)
+    assert chunked["tensors"] == whole["tensors"] and chunked["weights"] == whole["weights"]
+    for name in qmodels:
+        for a, b in zip(whole["sqnr_db"][name], chunked["sqnr_db"][name]):
+            assert (a is None and b is None) or a == b or abs(a - b) < 1e-6, (name, a, b)
+    # float_twins reads each variant once, then the SQNR pass once more: never interleaved
+    passes = [lazy.asked[:len(qmodels)], lazy.asked[len(qmodels):]]
+    assert passes == [list(qmodels), list(qmodels)]
