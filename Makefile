@@ -2,6 +2,7 @@
 # make test : run the test suite (installs what it needs)
 # make deit-tiny : the deeper DeiT-Tiny-shape model (12x192, patch 4), trained then quantized
 # make vit-197 : a 197-token model (patch 2 on 28x28: 196 patches + class token), trained then quantized
+# make vit-s16 : a ViT-S/16 at 224 px (timm's constructor, random weights) quantized end to end
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,7 +28,16 @@ VIT197_TRAIN_ARGS ?= --epochs 3 --batch-size 128 --img-size 28 --patch-size 2 --
 	--depth 6 --num-heads 3 --num-classes 10 --lr 5e-4 --warmup-epochs 0.3 --augment flip --amp
 VIT197_PTQ_ARGS ?= --w-bits 8 6 4 4 3 --a-bits 8 6 8 4 3
 
-.PHONY: demo deit-tiny vit-197 test venv data clean
+
+# ViT-S/16 at 224 px (197 tokens): a timm state dict from timm's own constructor (random weights,
+# nothing downloaded: accuracy is meaningless, the run shows memory and time per stage) and a
+# 10-class folder of 224-px images (Fashion-MNIST upscaled: 300 train, 100 val).
+# VIT_ARCH=vit_base_patch16_224 gives the ViT-B/16 of docs/BENCHMARKS.md.
+VIT_OUT ?= output/vit-s16
+VIT_ARCH ?= vit_small_patch16_224
+VIT_PTQ_ARGS ?= --calib-size 256 --eval-subset 100 --latency-runs 5
+
+.PHONY: demo deit-tiny vit-197 vit-s16 test venv data clean
 
 venv: $(STAMP)
 
@@ -71,6 +81,14 @@ vit-197: $(STAMP) data
 	$(PY) run.py --data-path fashion-mnist --output-dir $(VIT197_OUT) $(VIT197_TRAIN_ARGS) --resume auto
 	$(PY) post_training.py --model-path $(VIT197_OUT)/vit_model.pth --output-dir $(VIT197_OUT)/quantization \
 		$(VIT197_PTQ_ARGS)
+
+vit-s16: $(STAMP) data
+	$(PY) tools/vit224_inputs.py --arch $(VIT_ARCH) --model $(VIT_OUT)/model.pth --data $(VIT_OUT)/images224
+	$(PY) post_training.py --model-path $(VIT_OUT)/model.pth --data-path $(VIT_OUT)/images224 \
+		--output-dir $(VIT_OUT)/quantization --overwrite $(VIT_PTQ_ARGS)
+	@echo "Random weights: the accuracy above is meaningless; summary.json 'timings' has each stage's time."
+	@echo "With your own timm/DeiT checkpoint on ImageNet (train/ and val/ of synset folders):"
+	@echo "  $(PY) post_training.py --model-path YOUR_vit_s16.pth --data-path /path/to/imagenet --output-dir out/vit-s16"
 
 clean:
 	rm -rf $(VENV) output
