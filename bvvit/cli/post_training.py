@@ -129,6 +129,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--latency-runs", type=positive_int, default=20,
                    help="timed runs per variant and batch size (after warm-up)")
+    p.add_argument("--latency-batches", type=positive_int, nargs="+", default=[1, 64],
+                   help="batch sizes the latency is measured at (default 1 64; summary.csv's columns "
+                        "show 1 and 64, summary.json every size; e.g. 1 8 for a ViT-B/16 on a small CPU)")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=BITS|float",
                    help="per-layer exception by module name pattern, e.g. 'blocks.0.*=8' or "
                         "'head=float' (repeatable)")
@@ -239,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  batch_size=args.batch_size,
                  device=str(resolve_device(args.device)), seed=args.seed,
                  progress=not args.no_progress, eval_subset=args.eval_subset,
-                 latency_runs=args.latency_runs,
+                 latency_runs=args.latency_runs, latency_batches=tuple(dict.fromkeys(args.latency_batches)),
                  overrides=[LayerOverride.parse(text) for text in args.override],
                  switches=switches, float_dtype=args.float_dtype, analysis=args.analysis,
                  avg_bits=args.avg_bits, max_weight_bytes=args.max_weight_bytes,
