@@ -35,7 +35,7 @@ VIT197_PTQ_ARGS ?= --w-bits 8 6 4 4 3 --a-bits 8 6 8 4 3
 # VIT_ARCH=vit_base_patch16_224 gives the ViT-B/16 of docs/BENCHMARKS.md.
 VIT_OUT ?= output/vit-s16
 VIT_ARCH ?= vit_small_patch16_224
-VIT_PTQ_ARGS ?= --calib-size 256 --eval-subset 100 --latency-runs 5
+VIT_PTQ_ARGS ?= --calib-size 256 --eval-subset 100 --latency-runs 5 --latency-batches 1 8
 
 .PHONY: demo deit-tiny vit-197 vit-s16 test venv data clean
 
