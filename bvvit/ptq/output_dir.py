@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from bvvit.io import json_safe, recording_writes, sha256_file
+from bvvit.io import json_safe, recording_writes
 from bvvit.model_file import load_model_file
-from bvvit.ptq.cache import packed_path, result_path
+from bvvit.ptq.cache import model_digest, packed_path, result_path
 from bvvit.run_dir import MANIFEST_NAME, RunManifest, claim_output_dir, read_manifest
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,11 @@ def run_in_claimed_folder(job: Any, work: Callable[[Path], dict[str, Any]]) -> d
 
 
 def _model_digest(model_path: str) -> str:
-    """sha256 of the model file (its one-line error when it is not a readable file)."""
-    if not Path(model_path).is_file():
-        load_model_file(model_path)  # raises the loader's one-line error (missing, a folder, ...)
-    return sha256_file(model_path)
+    """sha256 of the model file or model folder (the loader's one-line error when it is
+    neither)."""
+    if not Path(model_path).is_file() and not Path(model_path).is_dir():
+        load_model_file(model_path)  # raises the loader's one-line error (missing, ...)
+    return model_digest(model_path)
 
 
 @contextlib.contextmanager

@@ -106,3 +106,26 @@ def test_unsupported_folders_are_one_line(tmp_path, edit, fragment):
     with pytest.raises(CheckpointError) as error:
         load_model_file(tmp_path)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_post_training_takes_a_model_folder(tmp_path):
+    """--model-path FOLDER end to end (its files are hashed for the manifest and the cache):
+    class names from id2label, the processor's transform in summary.json."""
+    from tests.formats.sources import hf_folder as make_folder
+    from tests.helpers import make_image_folder, run_cli
+    labels = {0: "ant", 1: "bee", 2: "cat"}
+    make_folder(tmp_path / "deit", "DeiTForImageClassificationWithTeacher", num_labels=3, id2label=labels,
+                label2id={v: k for k, v in labels.items()},
+                processor={"size": {"height": 36, "width": 36}, "crop_size": {"height": 32, "width": 32}})
+    data = make_image_folder(tmp_path / "data", size=40, mode="RGB", per_class=4)
+    args = ["--model-path", str(tmp_path / "deit"), "--data-path", str(data), "--bits", "8", "--baseline",
+            "none", "--calib-size", "8", "--analysis", "none", "--no-onnx", "--no-progress", "--latency-runs", "1",
+            "--output-dir", str(tmp_path / "q")]
+    result = run_cli("post_training.py", *args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["model_format"] == "hf" and summary["class_names"] == ["ant", "bee", "cat"]
+    assert (summary["preprocessing"]["crop_mode"], summary["preprocessing"]["crop_pct"]) == ("squash", 32 / 36)
+    again = run_cli("post_training.py", *args)  # the same folder: its results are reused
+    assert again.returncode == 0 and "reusing" in again.stdout
