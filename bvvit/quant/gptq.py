@@ -74,13 +74,13 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, qp: QParams, damp: f
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=H.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:  # fall back to more dampening
-        H += 0.1 * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+        H += 0.1 * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W, dtype=torch.int32)
     for start in range(0, n, block_size):
