@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from bvvit.evaluate.tensor_taps import (GROUPS, as_variants, distinct_twins, find_submodule, float_hooks,
                                         float_reference, float_twins, layer_of, model_device, quantizer_ids,
@@ -90,7 +91,7 @@ class _Running:
 @torch.inference_mode()
 def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, nn.Module] | None,
                           loader: Iterable, max_batches: Optional[int] = 4, bins: int = DEFAULT_BINS,
-                          sample_size: int = 1 << 18) -> dict[str, Any]:
+                          sample_size: int = 1 << 18, progress: bool = False) -> dict[str, Any]:
     """Histogram and statistics of every float tensor a quantizer sees, with the grids.
 
     ``qmodel``: one quantized model or ``{variant name: model}``; each variant's clipping
@@ -121,7 +122,7 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         running.setdefault(tid, _Running(per_batch, generator)).update(x)
 
     with float_hooks(reference, first_pass):
-        for batch in images:
+        for batch in tqdm(images, desc="activation statistics 1/3", disable=not progress, leave=False):
             reference(batch.to(device))
 
     ranges = {name: {tid: grid_range(q.qparams) for tid, q in quantizer_ids(model) if q.qparams is not None}
@@ -148,11 +149,11 @@ def activation_statistics(fp_model: nn.Module, qmodel: nn.Module | Mapping[str, 
         return count
 
     with float_hooks(reference, second_pass):
-        for batch in images:
+        for batch in tqdm(images, desc="activation statistics 2/3", disable=not progress, leave=False):
             reference(batch.to(device))
     for twin, layers, names in distinct_twins(twins):
         with float_hooks(twin, twin_pass(names), layers):
-            for batch in images:
+            for batch in tqdm(images, desc="activation statistics 3/3", disable=not progress, leave=False):
                 twin(batch.to(device))
 
     tensors = []

@@ -71,7 +71,7 @@ def run_analysis(level: str, fp_model: nn.Module, qmodels: Mapping[str, nn.Modul
     result["settings"]["max_batches"] = max_batches
     timing = result["timing_s"]
     start = time.perf_counter()
-    result["activations"] = activation_statistics(fp_model, qmodels, eval_loader, max_batches)
+    result["activations"] = activation_statistics(fp_model, qmodels, eval_loader, max_batches, progress=progress)
     timing["activations"] = time.perf_counter() - start
     start = time.perf_counter()
     result["weights"] = weight_statistics(fp_model, qmodels)

@@ -309,7 +309,7 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
     if cfg.reconstruct.enabled:
         step = time.perf_counter()
         report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
-                                                         device, seed=cfg.seed)
+                                                         device, seed=cfg.seed, progress=progress)
         timings["reconstruct_s"] = time.perf_counter() - step
     report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)

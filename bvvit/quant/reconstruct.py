@@ -45,6 +45,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm import tqdm
 
 from bvvit.quant.config import ReconstructOptions
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
@@ -294,12 +295,12 @@ def _images(loader: Iterable, device: torch.device | str) -> Tensor:
 @torch.inference_mode(False)
 def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterable,
                       options: ReconstructOptions = ReconstructOptions(enabled=True),
-                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
+                      device: torch.device | str = "cpu", seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Reconstruct every unit of the calibrated ``qmodel`` in data order against
     ``float_model`` (the float network ``qmodel`` was converted from, e.g. after LayerNorm
     reparameterization) on the images of ``loader``, with the hyperparameters of ``options``
-    (its ``enabled`` is the caller's business) and QDrop's random draws from ``seed``.
-    Modifies ``qmodel`` in place and returns per-unit statistics and the time taken."""
+    (its ``enabled`` is the caller's business) and QDrop's random draws from ``seed``
+    (a progress bar per unit when ``progress``). Modifies ``qmodel`` in place and returns per-unit statistics and the time taken."""
     start = time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     float_model.eval()
@@ -311,7 +312,7 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
         f_in, q_in = _run(_Embed(float_model), f_in), _run(_Embed(qmodel), q_in)
     stats: dict[str, Any] = {}
     step_s = _step_seconds(q_units, q_in, options) if options.time_budget is not None else None
-    for index, (name, q_unit) in enumerate(q_units):
+    for index, (name, q_unit) in enumerate(tqdm(q_units, desc="reconstruct", disable=not progress, leave=False)):
         iters = unit_iterations(options, time.perf_counter() - start, len(q_units) - index, step_s)
         f_out = _run(f_units[name], f_in)
         unit_start = time.perf_counter()

@@ -69,3 +69,17 @@ def test_input_hessians_use_a_bounded_seeded_row_sample(model):
     # an estimate of the same second moment: close, not equal
     rel = float((sampled - full[names[0]]).norm() / full[names[0]].norm())
     assert rel < 0.5
+
+
+def test_every_quantization_step_shows_a_progress_bar(model, capsys):
+    """LayerNorm ranges, GPTQ Hessians and rounding, calibration and reconstruction each
+    draw a bar (tqdm: count, rate and ETA) when asked, none when not."""
+    loader = noise_loader(16, 8)
+    cfg = make_quant_config("vit", 4, 4, calib_size=16, reconstruct={"enabled": True, "iters": 2})
+    quantize_model(model, cfg, loader, progress=True)
+    err = capsys.readouterr().err
+    for label in ("LayerNorm ranges", "GPTQ Hessians", "GPTQ:", "calibrate", "reconstruct"):
+        assert label in err, label
+    assert "<" in err  # tqdm's elapsed<remaining
+    quantize_model(model, cfg, loader, progress=False)
+    assert capsys.readouterr().err == ""
