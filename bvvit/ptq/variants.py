@@ -29,7 +29,7 @@ from bvvit.quant.storage import load_quantized_model, round_float_parts, save_qu
 log = logging.getLogger(__name__)
 
 
-HELD_MODELS_BYTES = 1 << 30  # quantized models kept in memory; the others are reloaded from their files
+HELD_MODELS_BYTES = 512 << 20  # quantized models kept in memory; the others are reloaded from their files
 
 
 @dataclass
