@@ -31,7 +31,9 @@ def input_hessians(model: nn.Module, loader: Iterable, names: list[str],
     At most about ``max_rows`` rows per layer enter the sum: when the loader holds more
     (images x tokens: a ViT-B/16 at 1,024 images has 201,728 rows per layer, and x^T x of
     its fc2 input would cost ~4 TFLOP in float64 per layer), each batch contributes a seeded
-    uniform subset of its rows in proportion. Fewer rows than ``max_rows`` are all used.
+    uniform subset of its rows in proportion, its products taken in float32 (the sample's
+    error dwarfs their rounding) and summed in float64. Fewer rows than ``max_rows`` are all
+    used, in float64.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -45,9 +47,13 @@ def input_hessians(model: nn.Module, loader: Iterable, names: list[str],
         if num_images is not None and num_images * tokens > max_rows:
             keep = max(1, math.ceil(x.shape[0] * max_rows / (num_images * tokens)))
             rows = torch.randperm(x.shape[0], generator=generator)[:keep].sort().values
-            x = x[rows.to(x.device)]
-        x = x.double()  # (rows, in)
-        sums[name] = sums.get(name, 0) + x.T @ x
+            x = x[rows.to(x.device)].float()
+            # a sampled estimate (~1/sqrt(rows) error): float32 products, float64 sum, 2x faster
+            product = (x.T @ x).double()
+        else:
+            x = x.double()  # (rows, in): every row, exact in float64
+            product = x.T @ x
+        sums[name] = sums.get(name, 0) + product
         counts[name] = counts.get(name, 0) + x.shape[0]
 
     run_with_hooks(model, loader, names, record, device, progress, desc="GPTQ Hessians")
