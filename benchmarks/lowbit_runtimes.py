@@ -115,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     example = torch.randn(args.batch, c.in_chans, c.img_size, c.img_size)
     inputs = {1: example[:1].contiguous(), args.batch: example}
     results = measure_interleaved({v.name: v.fn for v in variants}, inputs, warmup=args.warmup,
-                                  runs=max(10, args.runs),
+                                  runs=max(10, args.runs), pause_s=0.02,
                                   to_input={v.name: (lambda x: np.ascontiguousarray(x.numpy())) for v in variants})
     by = {(r.name, r.batch_size): r.median_ms for r in results}
     fp_size = variants[0].size_bytes

@@ -97,6 +97,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="start no further torch.compile peer after this many seconds of compiling")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--out-dir", help="keep the ONNX files here (default: a temp folder)")
+    p.add_argument("--pause-ms", type=float, default=20.0,
+                   help="untimed sleep before each timed call (lets the previous runtime's threads go idle)")
     p.add_argument("--batch", type=int, default=64, help="the large timed batch (batch 1 is always timed)")
     p.add_argument("--timm-model", help="time timm's model of this name (random weights, no accuracy), "
                                         "e.g. vit_small_patch16_224")
@@ -392,11 +394,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     to_input = {v.name: (lambda x: np.ascontiguousarray(x.numpy())) for v in variants if v.numpy_input}
     start = time.perf_counter()
     results = measure_interleaved(fns, inputs, warmup=args.warmup, runs=max(10, args.runs),
-                                  to_input=to_input)
+                                  to_input=to_input, pause_s=args.pause_ms / 1000)
     print(f"  timed in {time.perf_counter() - start:.1f} s", flush=True)
     table = build_table(variants, results, accuracy, big)
     info = system_info()
     report = {"model": setup["desc"], "threads": args.threads, "runs": max(10, args.runs),
+              "pause_ms": args.pause_ms,
               "warmup": args.warmup, "recipe": args.recipe, "sim_w8a8_top1": sim_top1,
               "sim_w8a8_float_attention_top1": sim_float_attention_top1, "batch": big,
               "openvino_exec_graphs": ov_graphs,

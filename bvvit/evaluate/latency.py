@@ -73,6 +73,7 @@ def measure_interleaved(
     kinds: Mapping[str, str] | None = None,
     min_time_s: float | None = None,
     to_input: Mapping[str, Callable[[torch.Tensor], Any]] | None = None,
+    pause_s: float = 0.0,
 ) -> list[LatencyResult]:
     """Time several callables round-robin at each batch size.
 
@@ -84,7 +85,10 @@ def measure_interleaved(
 
     For each batch size: ``warmup`` untimed rounds, then timed rounds until at least
     ``runs`` rounds and, if given, ``min_time_s`` seconds have passed. A round calls every
-    callable once; the starting callable rotates from round to round.
+    callable once; the starting callable rotates from round to round. ``pause_s``: an
+    untimed sleep before each timed call, so the previous callable's worker threads (a
+    runtime's pool that spins after its run, e.g. OpenVINO's) are idle when the next one
+    starts: without it each callable is timed against its neighbour's spinning threads.
 
     Returns one result per (batch size, callable), batch sizes in ``inputs`` order, then
     callables in ``fns`` order.
@@ -125,6 +129,8 @@ def measure_interleaved(
                 min_time_s is not None and time.perf_counter() - started < min_time_s
             ):
                 for name in _rotated(names, round_index):
+                    if pause_s > 0:
+                        time.sleep(pause_s)
                     times_ns[name].append(_time_call(fns[name], converted[name], sync))
                 round_index += 1
                 completed += 1

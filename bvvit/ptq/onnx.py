@@ -358,6 +358,7 @@ def _file_bytes(path: Path) -> int:
     return size
 
 
+TIMING_PAUSE_S = 0.02  # untimed sleep before each timed call when OpenVINO is among the runtimes
 KINDS = {"pytorch_fp32": "float", "ort_fp32": "float", "ort_w8a8": "integer", "ort_w8a8_fused": "integer",
          "ort_w4": "weight_only_int4", "ov_fp32": "float", "ov_fp32_f32": "float", "ov_w8a8": "integer"}
 
@@ -370,8 +371,11 @@ def _interleaved_latency(fp_model: torch.nn.Module, sessions: Mapping[str, Calla
     fns: dict[str, Callable[[Any], Any]] = {"pytorch_fp32": fp_model, **sessions}
     to_input = {name: (lambda x: np.ascontiguousarray(x.numpy(), dtype=np.float32)) for name in sessions}
     inputs = {int(b): _batch_of(loader, int(b)) for b in batch_sizes}
+    # OpenVINO's threads spin after a run: a pause lets them idle before the next callable
+    pause = TIMING_PAUSE_S if any(name.startswith("ov_") for name in fns) else 0.0
     results = measure_interleaved(fns, inputs, warmup=warmup, runs=max(10, runs),
-                                  kinds={k: v for k, v in KINDS.items() if k in fns}, to_input=to_input)
+                                  kinds={k: v for k, v in KINDS.items() if k in fns}, to_input=to_input,
+                                  pause_s=pause)
     base = {(r.name, r.batch_size): r.median_ms for r in results}
     rows = []
     for r in results:

@@ -94,8 +94,9 @@ def make_session(path: str | os.PathLike, threads: Optional[int] = None, precisi
 
 def inference_precision(session: Any) -> str:
     """The float precision ``session`` runs its non-quantized layers in (``bf16``, ``f32``)."""
-    value = str(session.get_property("INFERENCE_PRECISION_HINT")).lower()
-    return PRECISION_NAMES.get(value, value)
+    value = session.get_property("INFERENCE_PRECISION_HINT")
+    name = (value.to_string() if hasattr(value, "to_string") else str(value)).lower()  # an ov.Type
+    return PRECISION_NAMES.get(name, name)
 
 
 def read_ir_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -102,3 +102,13 @@ def test_speedup_table_ratios_per_batch_size():
     assert table[1]["baseline_median_ms"] == 10.0
     with pytest.raises(ValueError):
         speedup_table(results, "missing")
+
+
+def test_interleaved_pause_is_untimed_and_precedes_every_call():
+    calls: list[float] = []
+    fn = lambda x: calls.append(time.perf_counter())  # noqa: E731
+    started = time.perf_counter()
+    results = measure_interleaved({"a": fn, "b": fn}, {1: torch.zeros(1, 2)}, warmup=0, runs=3, pause_s=0.01)
+    assert len(calls) == 6 and time.perf_counter() - started >= 6 * 0.01
+    assert all(r.median_ms < 5.0 for r in results)  # the sleep is not in the timed region
+    assert all(later - earlier >= 0.009 for earlier, later in zip(calls, calls[1:]))

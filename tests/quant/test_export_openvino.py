@@ -162,6 +162,7 @@ def test_deployment_stage_measures_openvino_beside_onnxruntime(tmp_path, model, 
     assert {(name, b) for name in sessions for b in (1, 4)} <= timed
     rows = {r["name"]: r for r in onnx_rows(result, acc["pytorch_fp32"]["top1"], 10 ** 6)}
     assert rows["openvino-w8a8"]["kernel"] == "openvino-int8" and rows["openvino-w8a8"]["w_bits"] == 8
+    assert result["openvino"]["precision"] in ("bf16", "f32", "f16")
     assert rows["openvino-fp32"]["kernel"] == f"openvino-{result['openvino']['precision']}"
     assert rows["openvino-w8a8"]["latency_ms_b1"] > 0 and rows["onnx-w8a8"]["recipe"] == "onnx"
 
