@@ -97,6 +97,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="start no further torch.compile peer after this many seconds of compiling")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--out-dir", help="keep the ONNX files here (default: a temp folder)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="with --model-path: time on its images but skip the accuracy analysis")
     p.add_argument("--pause-ms", type=float, default=20.0,
                    help="untimed sleep before each timed call (lets the previous runtime's threads go idle)")
     p.add_argument("--batch", type=int, default=64, help="the large timed batch (batch 1 is always timed)")
@@ -374,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     accuracy: dict[str, dict[str, Any]] = {}
     sim_top1 = sim_float_attention_top1 = None  # our simulated (fake-quant) models, for reference
-    if val is not None:
+    if val is not None and not args.timing_only:
         start = time.perf_counter()
         accuracy = accuracy_analysis(variants, val, args.batch_orders, skipped)
         logits, labels = collect_logits(qmodel, val)
