@@ -33,7 +33,7 @@ def test_the_bits_live_in_the_specs():
 def test_technique_options_reach_their_module_as_they_are(monkeypatch, model):
     seen = {}
 
-    def reconstruct(float_model, qmodel, loader, options, device, seed):
+    def reconstruct(float_model, qmodel, loader, options, device, seed, progress=False):
         seen["options"], seen["seed"] = options, seed
         return {}
 
