@@ -25,7 +25,7 @@ import torch
 from bvvit.config import Preprocessing
 from bvvit.errors import CheckpointError
 from bvvit.formats.common import (Converted, build_config, mlp_ratio_for, read_json, read_weights,
-                                  square_grid, unsupported)
+                                  unsupported)
 
 FORMAT = "hf"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

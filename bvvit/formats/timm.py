@@ -22,7 +22,7 @@ import torch
 from bvvit.config import INTERPOLATIONS, Preprocessing
 from bvvit.errors import CheckpointError
 from bvvit.formats.common import (Converted, build_config, imagenet_preprocessing, mlp_ratio_for,
-                                  num_heads_for, read_json, read_weights, square_grid, unsupported)
+                                  num_heads_for, read_weights, square_grid, unsupported)
 
 FORMAT = "timm"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -19,7 +19,6 @@ Cost: ``steps`` forward+backward passes of the whole model per batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -56,7 +56,7 @@ from bvvit.config import Preprocessing
 from bvvit.errors import ConfigError
 from bvvit.model import Attention, PatchEmbed, VisionTransformer
 # Also re-exported: callers import the constants, metadata_for and the W4 export from here.
-from bvvit.quant.export_common import (DEFAULT_OPSET, INPUT_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAME,
+from bvvit.quant.export_common import (DEFAULT_OPSET, INPUT_NAME, ONNX_FORMAT, OUTPUT_NAME,
                                        metadata_for, save_onnx, torch_export)
 from bvvit.quant.export_w4 import export_w4_weight_only_onnx, matmul_nbits_tensors
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear

@@ -28,7 +28,7 @@ from bvvit.data import (DataSource, build_dataset, build_loader, build_transform
 from bvvit.data.loaders import SeededAugmentation, epoch_seed
 from bvvit.distributed import DistInfo, ShardSampler, all_reduce_sums, barrier, init_distributed
 from bvvit.errors import CheckpointError, ConfigError, WriteError
-from bvvit.io import atomic_torch_save, atomic_write_json, load_torch_file
+from bvvit.io import atomic_torch_save, atomic_write_json
 from bvvit.model import VisionTransformer, count_parameters, load_pretrained
 from bvvit.model_file import PretrainedWeights, model_file_holds, model_payload, read_pretrained
 from bvvit.run_dir import claim_training_dir
