@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +51,14 @@ class CalibrationSet:
 
 
 def build_calibration_set(job: Any, source: Any, pre: Any, fp_model: nn.Module, val_set: Any,
-                          device: torch.device | str = "cpu") -> CalibrationSet:
+                          device: torch.device | str = "cpu",
+                          eval_features: Optional[Tensor] = None) -> CalibrationSet:
     """The calibration set ``job`` asks for (``job.calib_data``, ``job.calib_path``,
-    ``job.calib_size``, ``job.seed``), with its distance from ``val_set``."""
+    ``job.calib_size``, ``job.seed``), with its distance from ``val_set``.
+
+    ``eval_features``: the float model's head inputs for the first :data:`DISTANCE_IMAGES`
+    images of ``val_set`` when the caller already has them (:func:`capture_head_features`
+    around the FP32 evaluation), so they are not computed a second time."""
     batch_size = min(64, job.batch_size)
     calib_data = getattr(job, "calib_data", "train")
     calib_path = getattr(job, "calib_path", None)
@@ -81,7 +87,7 @@ def build_calibration_set(job: Any, source: Any, pre: Any, fp_model: nn.Module, 
     train_loader = loader if record["source"] == "train" else _train_reference(source, pre, record["size"], job.seed,
                                                                                batch_size)
     record.update(_distances(fp_model, loader, train_loader, val_set, batch_size, device,
-                             same_as_train=loader is train_loader))
+                             same_as_train=loader is train_loader, eval_features=eval_features))
     return CalibrationSet(loader, identity, record)
 
 
@@ -93,11 +99,13 @@ def _train_reference(source: Any, pre: Any, size: int, seed: int, batch_size: in
 
 
 def _distances(fp_model: nn.Module, loader: Iterable, train_loader: Iterable, val_set: Any, batch_size: int,
-               device: torch.device | str, same_as_train: bool) -> dict[str, Any]:
+               device: torch.device | str, same_as_train: bool,
+               eval_features: Optional[Tensor] = None) -> dict[str, Any]:
     """{"frechet_to_eval": the calibration set's distance, "frechet_train_to_eval": a
     training subset's of the same size (the reference), "distance": how they were measured}."""
     val_subset = val_set.select(list(range(min(DISTANCE_IMAGES, len(val_set)))))
-    eval_features = head_features(fp_model, build_loader(val_subset, batch_size, shuffle=False), device)
+    if eval_features is None or len(eval_features) != len(val_subset):
+        eval_features = head_features(fp_model, build_loader(val_subset, batch_size, shuffle=False), device)
     train_distance = frechet_distance(head_features(fp_model, train_loader, device), eval_features)
     distance = train_distance if same_as_train else \
         frechet_distance(head_features(fp_model, loader, device), eval_features)
@@ -106,13 +114,38 @@ def _distances(fp_model: nn.Module, loader: Iterable, train_loader: Iterable, va
                         f"{len(val_subset)} evaluation images"}
 
 
+def _head(model: nn.Module) -> nn.Module:
+    return model.get_submodule(getattr(model, "head_names", ("head",))[0])
+
+
+@contextmanager
+def capture_head_features(model: nn.Module, limit: int = DISTANCE_IMAGES) -> Iterator[list[Tensor]]:
+    """Collect the inputs of ``model``'s classifier head (float32, CPU) for the first ``limit``
+    images of whatever runs through it inside the ``with`` block, in order (the FP32
+    evaluation of an unsharded loader: its first images are :func:`build_calibration_set`'s
+    evaluation images). Yields the list the rows are appended to (``torch.cat`` it)."""
+    rows: list[Tensor] = []
+    taken = [0]
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        if taken[0] < limit:
+            batch = inputs[0][: limit - taken[0]].detach().float().cpu()
+            rows.append(batch)
+            taken[0] += len(batch)
+
+    handle = _head(model).register_forward_pre_hook(hook)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def head_features(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> Tensor:
     """(N, D) inputs of the model's classifier head (the class token after the final
     LayerNorm) over every image of ``loader``."""
     features: list[Tensor] = []
-    head = model.get_submodule(getattr(model, "head_names", ("head",))[0])
-    handle = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].float().cpu()))
+    handle = _head(model).register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].float().cpu()))
     try:
         model.eval()
         for images, _ in loader:
@@ -130,4 +163,4 @@ def describe(record: dict[str, Any]) -> str:
 
 
 __all__ = ["CALIB_SOURCES", "DISTANCE_IMAGES", "CalibrationSet", "build_calibration_set", "head_features",
-           "describe"]
+           "capture_head_features", "describe"]

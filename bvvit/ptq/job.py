@@ -42,7 +42,7 @@ from bvvit.evaluate.analysis import run_analysis
 from bvvit.evaluate.classification import evaluate_classifier
 from bvvit.io import json_safe
 from bvvit.ptq.cache import cache_base
-from bvvit.ptq.calibration import build_calibration_set
+from bvvit.ptq.calibration import build_calibration_set, capture_head_features
 from bvvit.ptq.calibration import describe as describe_calibration
 from bvvit.ptq.classes import HeadLabels
 from bvvit.ptq.inputs import load_inputs
@@ -154,17 +154,21 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
     # dataset order, not one shard: the same images as a one-process run.
     local_loader = build_loader(val_set, job.batch_size, shuffle=False) if info.enabled else val_loader
     fp_model = loaded.model.to(device).eval()
-    calib = build_calibration_set(job, source, pre, fp_model, val_set, device)
-    calib_loader = calib.loader
-    torch.manual_seed(job.seed)
     log.info(f"model: {job.model_path} (ViT {loaded.config.depth}x{loaded.config.embed_dim}, "
-             f"patch {loaded.config.patch_size}); data: {source.describe()}; "
-             f"evaluating on {len(val_set)} images, {describe_calibration(calib.record)}")
+             f"patch {loaded.config.patch_size}); data: {source.describe()}; evaluating on {len(val_set)} images")
 
-    with _stage(timings, "fp32_evaluation_s"):
+    # The FP32 evaluation also yields the evaluation images' head features that the
+    # calibration set's distance needs (unsharded runs: one pass over them instead of two).
+    with _stage(timings, "fp32_evaluation_s"), capture_head_features(fp_model) as eval_rows:
         fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
                                                     class_indices=loaded.class_indices,
                                                     device=device, progress=job.progress)
+    with _stage(timings, "calibration_set_s"):
+        calib = build_calibration_set(job, source, pre, fp_model, val_set, device,
+                                      eval_features=None if info.enabled or not eval_rows else torch.cat(eval_rows))
+    calib_loader = calib.loader
+    torch.manual_seed(job.seed)
+    log.info(describe_calibration(calib.record))
     with _stage(timings, "save_fp32_s"):
         fp_file = save_float_model(out / "models" / "vit_fp32.safetensors", fp_model)
     fp_bytes = fp_file["size_bytes"]
