@@ -225,10 +225,10 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
         summary["failures"] = [f"ONNX export failed: {onnx_result['error']}"]
     elif onnx_result is not None:
         summary["onnx"] = json_safe(onnx_result)
-        summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes)
+        summary["rows"] += onnx_rows(onnx_result, fp_metrics["top1"], fp_bytes, job.latency_batches)
     summary["timings"] = _timings(timings, variants)
     write_summary(out, summary)
-    log.info(format_table(summary["rows"]))
+    log.info(format_table(summary["rows"], job.latency_batches))
     log.info(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
     if job.analysis != "none" and info.is_main:
         with _stage(timings, "analysis_s"):

@@ -8,18 +8,26 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from bvvit import __version__
 from bvvit.io import atomic_write_json, atomic_write_text, json_safe
 from bvvit.model_file import LoadedModel
 from bvvit.ptq.variants import Variant
 from bvvit.quant.softmax_grid import grid_summary
+from bvvit.report.style import DEFAULT_LATENCY_BATCHES, latency_batches, latency_column
 from bvvit.system import system_info
 
 SUMMARY_COLUMNS = ["name", "w_bits", "a_bits", "recipe", "top1", "top5", "top1_drop", "agreement",
                    "lost_vs_fp32", "gained_vs_fp32", "drop_p_value", "sqnr_db", "kl_div", "size_bytes",
                    "size_ratio", "latency_ms_b1", "latency_ms_b64", "kernel", "calibration_time_s", "softmax_grid"]
+# (the latency columns are one per --latency-batches size: these two with the default)
+
+
+def summary_columns(batches: Sequence[int] = DEFAULT_LATENCY_BATCHES) -> list[str]:
+    """summary.csv's columns for a run timed at ``batches``: ``latency_ms_b{N}`` for each."""
+    i = SUMMARY_COLUMNS.index("latency_ms_b1")
+    return SUMMARY_COLUMNS[:i] + [latency_column(b) for b in sorted(set(batches))] + SUMMARY_COLUMNS[i + 2:]
 NOTES = {
     "kernel": "'simulated' = fake-quant in float (accuracy is exact for the integer model, "
               "latency is NOT an integer-kernel speed); 'float' = the FP32 model; 'onnxruntime-*' / "
@@ -33,8 +41,10 @@ NOTES = {
 }
 
 
-def variant_row(v: Variant, latency: dict[int, Any], fp_bytes: int) -> dict[str, Any]:
-    """The summary.csv row of a PyTorch variant (FP32 or simulated quantized)."""
+def variant_row(v: Variant, latency: dict[int, Any], fp_bytes: int,
+                batches: Sequence[int] = DEFAULT_LATENCY_BATCHES) -> dict[str, Any]:
+    """The summary.csv row of a PyTorch variant (FP32 or simulated quantized), with its
+    median latency at each of ``batches``."""
     m = v.metrics
     size = v.file["size_bytes"] if v.file else None
     return {
@@ -48,7 +58,7 @@ def variant_row(v: Variant, latency: dict[int, Any], fp_bytes: int) -> dict[str,
         "drop_p_value": _p(m.get("drop_p_value")),
         "sqnr_db": m["sqnr_db"], "kl_div": m["kl_div"],
         "size_bytes": size, "size_ratio": round(size / fp_bytes, 4) if size else None,
-        "latency_ms_b1": _lat(latency, 1), "latency_ms_b64": _lat(latency, 64),
+        **{latency_column(b): _lat(latency, b) for b in batches},
         "kernel": "float" if v.config is None else "simulated",
         "calibration_time_s": round(v.report.get("calibration_time_s", 0.0), 3),
         "softmax_grid": softmax_grid_of(v),
@@ -66,8 +76,10 @@ def softmax_grid_of(v: Variant) -> Optional[str]:
     return v.config.softmax.method
 
 
-def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dict[str, Any]]:
-    """summary.csv rows for the deployment files in their runtimes (real kernels)."""
+def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int,
+              batches: Sequence[int] = DEFAULT_LATENCY_BATCHES) -> list[dict[str, Any]]:
+    """summary.csv rows for the deployment files in their runtimes (real kernels), with their
+    median latency at each of ``batches``."""
     float_precision = (result.get("openvino") or {}).get("precision", "default")
     # session -> (row name, w_bits, a_bits, kernel, file, recipe)
     names = {"ort_fp32": ("onnx-fp32", 32, 32, "onnxruntime-float", "fp32", "onnx"),
@@ -93,7 +105,7 @@ def onnx_rows(result: dict[str, Any], fp_top1: float, fp_bytes: int) -> list[dic
                      "drop_p_value": _p(acc.get("drop_p_value")),
                      "sqnr_db": acc.get("sqnr_db_vs_sim"), "kl_div": None, "size_bytes": size,
                      "size_ratio": round(size / fp_bytes, 4) if size else None,
-                     "latency_ms_b1": latency.get((acc_key, 1)), "latency_ms_b64": latency.get((acc_key, 64)),
+                     **{latency_column(b): latency.get((acc_key, b)) for b in batches},
                      "kernel": kernel, "calibration_time_s": 0.0, "softmax_grid": None})
     return rows
 
@@ -115,7 +127,8 @@ def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calibration: di
         "calibration": calibration,  # source, size, distance to the evaluation images (ptq/calibration.py)
         "recipe": job.recipe, "baseline": job.baseline,
         "system": system_info(),
-        "rows": [variant_row(v, latency.get(v.name, {}), fp_bytes) for v in variants],
+        "latency_batches": sorted(set(job.latency_batches)),  # the rows' latency_ms_b{N} columns
+        "rows": [variant_row(v, latency.get(v.name, {}), fp_bytes, job.latency_batches) for v in variants],
         "variants": {v.name: {"metrics": v.metrics, "quant_config": v.config.to_dict() if v.config else None,
                               "coverage": v.report.get("coverage"), "layers": v.report.get("layers"),
                               "warnings": v.report.get("warnings", []),
@@ -142,16 +155,17 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``summary.json`` (everything) and ``summary.csv`` (the rows, :data:`SUMMARY_COLUMNS`)."""
     atomic_write_json(out / "summary.json", summary)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=summary_columns(latency_batches(summary)), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(summary["rows"])
     atomic_write_text(out / "summary.csv", buffer.getvalue())
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The console table of the summary rows."""
+def format_table(rows: list[dict[str, Any]], batches: Sequence[int] = DEFAULT_LATENCY_BATCHES) -> str:
+    """The console table of the summary rows (latency at the smallest and largest of ``batches``)."""
+    shown = sorted({min(batches), max(batches)})
     header = f"{'name':<16}{'top1':>8}{'drop':>8}{'agree':>8}{'lost/gain':>11}{'p':>6}{'SQNR dB':>9}" \
-             f"{'size KiB':>10}{'ratio':>7}{'b1 ms':>8}{'b64 ms':>8}  kernel"
+             f"{'size KiB':>10}{'ratio':>7}" + "".join(f"{f'b{b} ms':>8}" for b in shown) + "  kernel"
     lines = [header, "-" * len(header)]
     for r in rows:
         sqnr = r["sqnr_db"] if isinstance(r["sqnr_db"], str) else \
@@ -161,8 +175,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['drop_p_value']:.2f}" if r["drop_p_value"] >= 0.01 else "<.01"
         lines.append(f"{r['name']:<16}{r['top1']:>8.2f}{r['top1_drop']:>+8.2f}{r['agreement']:>8.2f}"
                      f"{flips:>11}{p:>6}{sqnr:>9}{(r['size_bytes'] or 0) / 1024:>10.1f}{r['size_ratio'] or 0:>7.3f}"
-                     f"{r['latency_ms_b1'] or 0:>8.2f}{r['latency_ms_b64'] or 0:>8.2f}  {r['kernel']}")
+                     + "".join(f"{r.get(latency_column(b)) or 0:>8.2f}" for b in shown) + f"  {r['kernel']}")
     return "\n".join(lines)
 
 
-__all__ = ["SUMMARY_COLUMNS", "variant_row", "softmax_grid_of", "onnx_rows", "build_summary", "write_summary", "format_table"]
+__all__ = ["SUMMARY_COLUMNS", "summary_columns", "variant_row", "softmax_grid_of", "onnx_rows", "build_summary", "write_summary", "format_table"]

@@ -13,8 +13,8 @@ import numpy as np
 
 from bvvit.plotting import styled_pyplot
 from bvvit.report.style import (BASELINE_COLOR, EXTRA_COLORS, FLOAT, FP_COLOR, MAIN_COLOR, SIMULATED, bits_label,
-                                display_name, figure_legend, fp_row, lowest_main, main_recipe, num, rows_of,
-                                save_figure, skipped, tolerance)
+                                display_name, figure_legend, fp_row, latency_batches, latency_column, lowest_main,
+                                main_recipe, num, rows_of, save_figure, skipped, tolerance)
 
 
 # ------------------------------------------------------------------ size
@@ -88,9 +88,6 @@ def plot_size(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], s
 
 # ------------------------------------------------------------------ latency
 
-LATENCY_COLUMNS = {1: "latency_ms_b1", 64: "latency_ms_b64"}
-
-
 def _kernel_style(kernel: str, extra: dict[str, str]) -> dict[str, Any]:
     if kernel == FLOAT:
         return {"color": MAIN_COLOR}
@@ -109,10 +106,10 @@ def _kernel_label(kernel: str) -> str:
 
 def latency_caption(summary: dict[str, Any]) -> str:
     fp = fp_row(summary)
-    batch = next((b for b in (64, 1) if fp and num(fp.get(LATENCY_COLUMNS[b]))), None)
+    batch = next((b for b in reversed(latency_batches(summary)) if fp and num(fp.get(latency_column(b)))), None)
     if fp is None or batch is None:
         return "No FP32 latency to compare with."
-    column, fp_ms = LATENCY_COLUMNS[batch], num(fp[LATENCY_COLUMNS[batch]])
+    column, fp_ms = latency_column(batch), num(fp[latency_column(batch)])
     timed = [r for r in rows_of(summary) if r is not fp and num(r.get(column))]
     real = [r for r in timed if r.get("kernel") not in (SIMULATED, FLOAT)]
     if real:
@@ -128,22 +125,22 @@ def latency_caption(summary: dict[str, Any]) -> str:
 
 
 def plot_latency(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], str]:
-    """Median latency per variant at batch 1 and 64 (p90 whiskers), kernels kept apart."""
+    """Median latency per variant at each timed batch size (p90 whiskers), kernels kept apart."""
     rows = rows_of(summary)
-    batches = [b for b, col in LATENCY_COLUMNS.items() if any(num(r.get(col)) for r in rows)]
+    batches = [b for b in latency_batches(summary) if any(num(r.get(latency_column(b))) for r in rows)]
     if not batches:
         return skipped("summary.json has no latency measurements, so there is no latency figure.")
     variants = summary.get("variants") or {}
     extra: dict[str, str] = {}
     data = {"batches": batches, "bars": [{"name": r["name"], "kernel": r.get("kernel"),
-                                          **{LATENCY_COLUMNS[b]: r.get(LATENCY_COLUMNS[b]) for b in batches}}
+                                          **{latency_column(b): r.get(latency_column(b)) for b in batches}}
                                          for r in rows]}
     with styled_pyplot() as plt:
         fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 0.7 * len(rows) + 2) * len(batches) / 1.4,
                                                            4.4), constrained_layout=True, squeeze=False)
         seen: set[str] = set()
         for ax, batch in zip(axes[0], batches):
-            column = LATENCY_COLUMNS[batch]
+            column = latency_column(batch)
             for i, row in enumerate(rows):
                 value = num(row.get(column))
                 if value is None:
@@ -228,9 +225,10 @@ def pareto_caption(summary: dict[str, Any]) -> str:
 def plot_pareto(summary: dict[str, Any], out_dir: Path) -> tuple[Optional[Path], str]:
     """Top-1 against file size and against latency; the Pareto fronts as step lines."""
     rows = rows_of(summary)
-    latency_col = next((c for c in ("latency_ms_b64", "latency_ms_b1") if any(num(r.get(c)) for r in rows)), None)
-    panels = [(c, t) for c, t in (("size_bytes", "file size (KiB)"),
-                                  (latency_col, f"latency, batch {'64' if latency_col == 'latency_ms_b64' else '1'} (ms)"))
+    batch = next((b for b in reversed(latency_batches(summary))
+                  if any(num(r.get(latency_column(b))) for r in rows)), None)
+    latency_col = None if batch is None else latency_column(batch)
+    panels = [(c, t) for c, t in (("size_bytes", "file size (KiB)"), (latency_col, f"latency, batch {batch} (ms)"))
               if c and any(num(r.get(c)) for r in rows)]
     if not panels:
         return skipped("summary.json has neither sizes nor latencies, so there is no Pareto figure.")

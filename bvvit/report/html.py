@@ -10,12 +10,17 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from bvvit.report.style import (FLOAT, SIMULATED, Figure, display_name, fp_row, main_recipe, main_series, num,
-                                rows_of, signed)
+from bvvit.report.style import (FLOAT, SIMULATED, Figure, display_name, fp_row, latency_batches, latency_column,
+                                main_recipe, main_series, num, rows_of, signed)
 
 HEADLINE_COLUMNS = ["Variant", "W / A bits", "Recipe", "Top-1 %", "Top-5 %", "Top-1 drop (pts)",
                     "Agreement %", "Lost / gained vs FP32 (p)", "SQNR dB", "File size", "Size ratio",
-                    "Latency b1 (ms)", "Latency b64 (ms)", "Kernel"]
+                    "Latency b1 (ms)", "Latency b64 (ms)", "Kernel"]  # with the default --latency-batches
+
+
+def headline_columns(summary: dict[str, Any]) -> list[str]:
+    """The headline table's header: one latency column per batch size the run timed."""
+    return HEADLINE_COLUMNS[:11] + [f"Latency b{b} (ms)" for b in latency_batches(summary)] + ["Kernel"]
 
 
 # ------------------------------------------------------------------ shared table builders
@@ -47,8 +52,9 @@ def _flips(row: dict[str, Any]) -> str:
 
 
 def headline_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """One row of display strings per summary row (see :data:`HEADLINE_COLUMNS`)."""
+    """One row of display strings per summary row (see :func:`headline_columns`)."""
     out = []
+    columns = [latency_column(b) for b in latency_batches(summary)]
     for r in rows_of(summary):
         is_float = r.get("recipe") == FLOAT
         out.append([display_name(r["name"]), "32 / 32" if is_float else f"{r['w_bits']} / {r['a_bits']}",
@@ -56,7 +62,7 @@ def headline_rows(summary: dict[str, Any]) -> list[list[str]]:
                     "—" if is_float else signed(num(r.get("top1_drop")) or 0.0),
                     _fmt(r.get("agreement")), "—" if is_float else _flips(r), _fmt(r.get("sqnr_db"), 1),
                     _size(r.get("size_bytes")),
-                    _fmt(r.get("size_ratio"), 3), _fmt(r.get("latency_ms_b1")), _fmt(r.get("latency_ms_b64")),
+                    _fmt(r.get("size_ratio"), 3), *(_fmt(r.get(c)) for c in columns),
                     r.get("kernel") or ""])
     return out
 
@@ -269,13 +275,14 @@ def _table(columns: list[str], rows: list[list[str]], text_columns: int = 1, com
 
 
 def _headline_table(summary: dict[str, Any]) -> str:
+    columns = headline_columns(summary)
     head = "".join(f'<th class="{"text" if c in ("Variant", "Recipe", "Kernel") else ""}">{_e(c)}</th>'
-                   for c in HEADLINE_COLUMNS)
+                   for c in columns)
     body = []
     fp = fp_row(summary)
     for row, cells in zip(rows_of(summary), headline_rows(summary)):
         tds = [f'<td class="{"text" if c in ("Variant", "Recipe") else ""}">{_e(v)}</td>'
-               for c, v in zip(HEADLINE_COLUMNS[:-1], cells[:-1])]
+               for c, v in zip(columns[:-1], cells[:-1])]
         tds.append(f'<td class="text">{_kernel_badge(cells[-1])}</td>')
         body.append(f'<tr class="{"float" if row is fp else ""}">{"".join(tds)}</tr>')
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
@@ -356,4 +363,4 @@ def render_html(summary: dict[str, Any], analysis: Optional[dict[str, Any]], fig
 
 
 __all__ = ["render_html", "headline_rows", "coverage_groups", "collect_warnings", "settings_items",
-           "library_items", "at_a_glance", "sensitivity_snippet", "kernel_notes", "HEADLINE_COLUMNS"]
+           "library_items", "at_a_glance", "sensitivity_snippet", "kernel_notes", "HEADLINE_COLUMNS", "headline_columns"]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from bvvit.report.html import (HEADLINE_COLUMNS, at_a_glance, collect_warnings, coverage_groups,
+from bvvit.report.html import (at_a_glance, collect_warnings, coverage_groups, headline_columns,
                                headline_rows, kernel_notes, library_items, sensitivity_snippet,
                                settings_items)
 from bvvit.report.style import Figure, main_recipe
@@ -33,7 +33,7 @@ def render_markdown(summary: dict[str, Any], analysis: Optional[dict[str, Any]],
              f"{summary.get('data', '')} · {summary.get('num_eval_images', '?')} evaluation images · "
              f"recipe {main_recipe(summary) or '-'}", ""]
     lines += [f"- {text}" for text in at_a_glance(summary, figures)]
-    lines += ["", "## Results", "", _table(HEADLINE_COLUMNS, headline_rows(summary)), ""]
+    lines += ["", "## Results", "", _table(headline_columns(summary), headline_rows(summary)), ""]
     lines += [f"_{note}_  " for note in kernel_notes(summary)]
 
     lines += ["", "## Figures", ""]

@@ -59,6 +59,20 @@ def read_plot_data(path: str | Path) -> Any:
         return json.loads(image.text[DATA_KEY])
 
 
+DEFAULT_LATENCY_BATCHES = (1, 64)  # post_training's --latency-batches default
+
+
+def latency_column(batch: int) -> str:
+    """The summary row column of the median latency at ``batch`` (``latency_ms_b8``)."""
+    return f"latency_ms_b{int(batch)}"
+
+
+def latency_batches(summary: dict[str, Any]) -> list[int]:
+    """The batch sizes the summary's rows carry latencies for (``--latency-batches``;
+    summaries written before it existed: 1 and 64), ascending."""
+    return sorted({int(b) for b in summary.get("latency_batches") or DEFAULT_LATENCY_BATCHES})
+
+
 def rows_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return list(summary.get("rows") or [])
 
@@ -160,4 +174,5 @@ def skipped(reason: str) -> tuple[None, str]:
 __all__ = ["Figure", "PLOTS_DIR", "DATA_KEY", "MAIN_COLOR", "BASELINE_COLOR", "FP_COLOR", "EXTRA_COLORS",
            "SIMULATED", "FLOAT", "num", "save_figure", "read_plot_data", "rows_of", "fp_row", "main_recipe",
            "is_sweep_row", "series", "main_series", "activation_bits", "bits_label", "signed", "display_name",
-           "lowest_main", "noise_floor", "tolerance", "figure_legend", "skipped"]
+           "lowest_main", "noise_floor", "tolerance", "figure_legend", "skipped", "DEFAULT_LATENCY_BATCHES",
+           "latency_column", "latency_batches"]

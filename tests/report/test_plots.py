@@ -319,3 +319,31 @@ def test_sqnr_caption_reads_the_bits_from_the_rows_not_the_names():
     caption = sqnr_caption(sqnr, summary)
     assert caption.startswith("At coarse the noisiest quantized activation is a input (20.0 dB)")
     assert "rises 5.0 dB per bit from 22.0 dB to 42.0 dB at fine" in caption
+
+
+def test_latency_at_the_batch_sizes_the_run_timed(tmp_path):
+    """--latency-batches 1 8 (the 224-px make target): the rows carry latency_ms_b8, and the
+    figure, captions, headline table, CSV and console table show batch 8, not an empty b64."""
+    from bvvit.ptq.summary import format_table, summary_columns, write_summary
+    from bvvit.report.html import headline_columns, headline_rows
+
+    summary = make_summary()
+    summary["latency_batches"] = [1, 8]
+    for row in summary["rows"]:
+        row["latency_ms_b8"] = row.pop("latency_ms_b64") / 8
+    path, caption = plot_latency(summary, tmp_path)
+    data = read_plot_data(path)
+    assert data["batches"] == [1, 8]
+    assert {b["name"]: b["latency_ms_b8"] for b in data["bars"]} == {r["name"]: r["latency_ms_b8"] for r in summary["rows"]}
+    assert caption.startswith("At batch 8 the fastest real kernel is W8A8-ort (onnxruntime-int8, 2.50 ms)")
+    columns = headline_columns(summary)
+    assert "Latency b8 (ms)" in columns and "Latency b64 (ms)" not in columns
+    assert all(len(cells) == len(columns) for cells in headline_rows(summary))
+    assert summary_columns([8, 1])[summary_columns().index("latency_ms_b1"):][:2] == ["latency_ms_b1", "latency_ms_b8"]
+    write_summary(tmp_path, summary)
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "latency_ms_b8" in header and "latency_ms_b64" not in header
+    table = format_table(summary["rows"], (1, 8))
+    assert "b8 ms" in table.splitlines()[0] and "b64 ms" not in table
+    fp = next(r for r in summary["rows"] if r["name"] == "fp32")
+    assert f"{fp['latency_ms_b8']:>8.2f}" in next(line for line in table.splitlines() if line.startswith("fp32"))
