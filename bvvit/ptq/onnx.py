@@ -8,10 +8,12 @@ FP32 (:func:`export_and_measure`).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -196,8 +198,10 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
       ``openvino``: ``{"exported", "error", "precision" (of its float layers), "exec_graph"
       (:func:`bvvit.runtime.openvino.exec_graph_report` of the int8 IR), "version"}``
     - ``latency`` (empty with ``measure_latency=False``): rows ``{"name", "kind", "batch_size",
-      "median_ms", "p90_ms", "runs", "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32"}``
-      for ``pytorch_fp32`` and each session above
+      "median_ms", "p90_ms", "runs", "warmup", "speedup_vs_pytorch_fp32", "speedup_vs_ort_fp32",
+      "timing_group"}`` for ``pytorch_fp32`` and each session above (sessions whose files
+      together exceed :data:`SESSION_BYTES` are timed in groups, :func:`timing_groups`; the
+      ratios of a row are within its group's interleaved run)
     - ``runtimes``; ``threads``: ``{"torch", "onnxruntime", "openvino"}``; ``system``:
       :func:`system_info`; ``num_images``; ``onnxruntime_version``; ``exporter``
     """
@@ -222,24 +226,26 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
         ov = _export_optional(lambda: export_openvino_ir(qmodel_w8a8, onnx_dir / "vit_w8a8_openvino.xml",
                                                          preprocessing, class_names), files, "ov_w8a8")
 
-    # name -> (torch-in/torch-out callable for evaluation, numpy callable for timing)
-    runners: dict[str, tuple[Callable, Callable]] = {}
-    int_report: dict[str, Any] = {}
-    if use_ort:
-        # No spinning: a pool spinning after its run steals the cores from the next variant.
-        for name in ("fp32", "w8a8", "w8a8_fused", "w4"):
-            if name in files:
-                session = make_session(files[name], threads=threads, allow_spinning=False)
-                runners[f"ort_{name}"] = (session_fn(session), numpy_fn(session))
-        int_report = _ort_integer_reports(files, threads, fused, w4)
-    if use_ov:
-        _add_openvino_sessions(files, threads, ov, runners)
-
-    if not runners:
+    sessions = _session_specs(files, threads, use_ort, use_ov)
+    if not sessions:
         raise ValueError(f"no runtime to measure in {list(runtimes)}; choose from {RUNTIMES}")
+    int_report = _ort_integer_reports(files, threads, fused, w4) if use_ort else {}
+    # One session open at a time: at 224 px each holds its weights and an arena sized by the
+    # evaluation batch, GBs together (ViT-B/16).
     logits = {}
-    for name, (evaluate_fn, _) in runners.items():
-        logits[name], labels = collect_logits(evaluate_fn, val_loader, max_batches=max_batches)
+    for name in list(sessions):
+        if name == "ov_fp32_f32" and ov.get("precision") == "f32":
+            del sessions[name]  # OpenVINO's default already is f32: nothing to add
+            continue
+        session = sessions[name].open()
+        if name == "ov_fp32":
+            ov["precision"], ov["version"] = ov_inference_precision(session), openvino_version()
+        if name == "ov_w8a8":
+            ov["exec_graph"] = exec_graph_report(session)
+        logits[name], labels = collect_logits(_in_chunks(sessions[name].torch_fn(session), RUNTIME_EVAL_BATCH),
+                                              val_loader, max_batches=max_batches)
+        del session
+        gc.collect()
     fp_logits, sim_logits = torch.as_tensor(fp_logits).float(), torch.as_tensor(sim_w8a8_logits).float()
     shape = next(iter(logits.values())).shape
     if fp_logits.shape != shape or sim_logits.shape != shape:
@@ -266,8 +272,8 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     checks = _checks(accuracy, int_report, ov)
 
     sizes = {name: _file_bytes(path) for name, path in files.items()}
-    latency = _interleaved_latency(fp_model, {name: fn for name, (_, fn) in runners.items()}, val_loader,
-                                   batch_sizes, warmup, latency_runs) if measure_latency else []
+    latency = _grouped_latency(fp_model, sessions, val_loader, batch_sizes, warmup,
+                               latency_runs) if measure_latency else []
     return {
         "files": {name: str(path) for name, path in files.items()},
         "size_bytes": sizes,
@@ -316,21 +322,84 @@ def _ort_integer_reports(files: Mapping[str, Path], threads: int, fused: dict[st
     return reports["w8a8"]
 
 
-def _add_openvino_sessions(files: Mapping[str, Path], threads: int, ov: dict[str, Any],
-                           runners: dict[str, tuple[Callable, Callable]]) -> None:
-    """OpenVINO sessions: the FP32 file at the CPU's default precision (``ov_fp32``) and at
-    f32 when that default is lower (``ov_fp32_f32``), and our int8 IR (``ov_w8a8``)."""
-    default = ov_make_session(files["fp32"], threads=threads)
-    ov["precision"] = ov_inference_precision(default)
-    ov["version"] = openvino_version()
-    sessions = {"ov_fp32": default}
-    if ov["precision"] != "f32":
-        sessions["ov_fp32_f32"] = ov_make_session(files["fp32"], threads=threads, precision="f32")
-    if "ov_w8a8" in files:
-        sessions["ov_w8a8"] = ov_make_session(files["ov_w8a8"], threads=threads)
-        ov["exec_graph"] = exec_graph_report(sessions["ov_w8a8"])
-    for name, session in sessions.items():
-        runners[name] = (ov_session_fn(session), ov_numpy_fn(session))
+@dataclass
+class SessionSpec:
+    """How to open one runtime session of an exported file, and call it."""
+
+    open: Callable[[], Any]  # -> the session (ORT InferenceSession / OpenVINO CompiledModel)
+    torch_fn: Callable[[Any], Callable[[torch.Tensor], torch.Tensor]]  # evaluation callable
+    numpy_fn: Callable[[Any], Callable[[np.ndarray], Any]]  # timing callable
+    file_bytes: int  # its file's size: what holding it open costs, roughly
+
+
+def _session_specs(files: Mapping[str, Path], threads: int, use_ort: bool, use_ov: bool) -> dict[str, SessionSpec]:
+    """Session name -> spec, in measuring order: ONNX Runtime's FP32 / W8A8 / fused / W4
+    files (no spinning: a pool spinning after its run steals the cores from the next
+    variant), then OpenVINO's FP32 file at the CPU's default precision (``ov_fp32``) and at
+    f32 (``ov_fp32_f32``, dropped when that default is f32) and our int8 IR (``ov_w8a8``)."""
+    specs: dict[str, SessionSpec] = {}
+    if use_ort:
+        for name in ("fp32", "w8a8", "w8a8_fused", "w4"):
+            if name in files:
+                specs[f"ort_{name}"] = SessionSpec(
+                    lambda path=files[name]: make_session(path, threads=threads, allow_spinning=False),
+                    session_fn, numpy_fn, _file_bytes(files[name]))
+    if use_ov:
+        for name, key, precision in (("ov_fp32", "fp32", None), ("ov_fp32_f32", "fp32", "f32"),
+                                     ("ov_w8a8", "ov_w8a8", None)):
+            if key in files:
+                specs[name] = SessionSpec(
+                    lambda path=files[key], p=precision: ov_make_session(path, threads=threads, precision=p),
+                    ov_session_fn, ov_numpy_fn, _file_bytes(files[key]))
+    return specs
+
+
+RUNTIME_EVAL_BATCH = 64  # images per runtime call when evaluating (bounds each session's arena)
+SESSION_BYTES = 1 << 30  # files' bytes held open at once while timing (224-px models: in groups)
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` applied to at most ``size`` images at a time (the same logits: every image is
+    computed on its own in these static graphs)."""
+    return lambda images: torch.cat([fn(part) for part in images.split(size)]) if len(images) > size else fn(images)
+
+
+def timing_groups(sizes: Mapping[str, int], budget: int = SESSION_BYTES,
+                  reference: str = "ort_fp32") -> list[list[str]]:
+    """Sessions (name -> file bytes, in order) split into groups timed one after another, each
+    holding at most ``budget`` file bytes (a single larger session gets a group of its own),
+    with ``reference`` in every group so that every ratio is taken within one interleaved run.
+    Small models: one group, everything interleaved."""
+    names = [n for n in sizes if n != reference]
+    base = [reference] if reference in sizes else []
+    groups: list[list[str]] = []
+    current, used = list(base), sum(sizes[n] for n in base)
+    for name in names:
+        if len(current) > len(base) and used + sizes[name] > budget:
+            groups.append(current)
+            current, used = list(base), sum(sizes[n] for n in base)
+        current.append(name)
+        used += sizes[name]
+    if len(current) > len(base) or not groups:
+        groups.append(current)
+    return groups
+
+
+def _grouped_latency(fp_model: torch.nn.Module, sessions: Mapping[str, SessionSpec], loader: Iterable,
+                     batch_sizes: Sequence[int], warmup: int, runs: int) -> list[dict[str, Any]]:
+    """:func:`_interleaved_latency` per :func:`timing_groups` group, each group's sessions open
+    only while it is timed. PyTorch FP32 and the reference are timed in every group (their
+    rows are the first group's); each row's ``timing_group`` says which run it comes from."""
+    rows: list[dict[str, Any]] = []
+    for index, group in enumerate(timing_groups({n: s.file_bytes for n, s in sessions.items()}, SESSION_BYTES)):
+        opened = {name: sessions[name].open() for name in group}
+        fns = {name: sessions[name].numpy_fn(session) for name, session in opened.items()}
+        for row in _interleaved_latency(fp_model, fns, loader, batch_sizes, warmup, runs):
+            if index == 0 or row["name"] not in ("pytorch_fp32", "ort_fp32"):
+                rows.append({**row, "timing_group": index})
+        del opened, fns
+        gc.collect()
+    return rows
 
 
 def _checks(accuracy: Mapping[str, Any], int_report: Mapping[str, Any], ov: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,4 +460,5 @@ def _finite(value: float) -> float | str:
     return value if np.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-__all__ = ["onnx_int8", "export_and_measure", "installed_runtimes", "resolve_runtimes", "RUNTIMES", "KINDS"]
+__all__ = ["onnx_int8", "export_and_measure", "installed_runtimes", "resolve_runtimes", "timing_groups",
+           "SessionSpec", "RUNTIMES", "KINDS", "RUNTIME_EVAL_BATCH", "SESSION_BYTES"]

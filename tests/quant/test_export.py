@@ -281,3 +281,29 @@ def test_export_and_measure_reports_everything(model, qmodel, images, tmp_path):
     rows = {(r["name"], r["batch_size"]) for r in result["latency"]}
     assert rows == {(n, b) for n in ("pytorch_fp32", "ort_fp32", "ort_w8a8", "ort_w8a8_fused") for b in (1, 4)}
     assert all(r["runs"] >= 10 and r["p90_ms"] >= r["median_ms"] > 0 for r in result["latency"])
+
+
+def test_export_and_measure_times_large_files_in_groups(model, qmodel, images, tmp_path, monkeypatch):
+    """Files over the session budget: timed in groups, ORT FP32 in each, rows unique, every
+    ratio from its own group's run, and the same accuracy as when all fit (one group)."""
+    import bvvit.ptq.onnx as deployment
+    loader = DataLoader(TensorDataset(images[:16], torch.arange(16) % 5), batch_size=8)
+    with torch.no_grad():
+        fp_logits, sim_logits = model(images[:16]), qmodel(images[:16])
+    kwargs = dict(latency_runs=10, batch_sizes=(1, 4), warmup=1, threads=1, runtimes=("onnxruntime",))
+    together = export_and_measure(model, qmodel, loader, tmp_path / "a", PRE, CLASSES, fp_logits, sim_logits, **kwargs)
+    assert {r["timing_group"] for r in together["latency"]} == {0}
+    monkeypatch.setattr(deployment, "SESSION_BYTES", 1)  # every file over budget: one group per file
+    opened = []
+    real_open = deployment.make_session
+    monkeypatch.setattr(deployment, "make_session", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    split = export_and_measure(model, qmodel, loader, tmp_path / "b", PRE, CLASSES, fp_logits, sim_logits, **kwargs)
+    groups = {r["timing_group"] for r in split["latency"]}
+    assert groups == {0, 1}  # (ort_fp32, ort_w8a8), (ort_fp32, ort_w8a8_fused)
+    rows = [(r["name"], r["batch_size"]) for r in split["latency"]]
+    assert len(rows) == len(set(rows)) == 4 * 2
+    assert all(r["speedup_vs_ort_fp32"] > 0 for r in split["latency"])
+    for name in ("ort_fp32", "ort_w8a8", "ort_w8a8_fused"):
+        assert split["accuracy"][name] == together["accuracy"][name]
+    # the integer-op reports (w8a8, fused) + evaluation (each once) + timing (2 groups x (reference + 1))
+    assert len(opened) == 2 + 3 + 4
