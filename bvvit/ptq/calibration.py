@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from bvvit.data import build_dataset, build_loader, calibration_loader
 from bvvit.data.calibration import folder_calibration_loader
@@ -87,7 +88,8 @@ def build_calibration_set(job: Any, source: Any, pre: Any, fp_model: nn.Module, 
     train_loader = loader if record["source"] == "train" else _train_reference(source, pre, record["size"], job.seed,
                                                                                batch_size)
     record.update(_distances(fp_model, loader, train_loader, val_set, batch_size, device,
-                             same_as_train=loader is train_loader, eval_features=eval_features))
+                             same_as_train=loader is train_loader, eval_features=eval_features,
+                             progress=getattr(job, "progress", False)))
     return CalibrationSet(loader, identity, record)
 
 
@@ -100,15 +102,18 @@ def _train_reference(source: Any, pre: Any, size: int, seed: int, batch_size: in
 
 def _distances(fp_model: nn.Module, loader: Iterable, train_loader: Iterable, val_set: Any, batch_size: int,
                device: torch.device | str, same_as_train: bool,
-               eval_features: Optional[Tensor] = None) -> dict[str, Any]:
+               eval_features: Optional[Tensor] = None, progress: bool = False) -> dict[str, Any]:
     """{"frechet_to_eval": the calibration set's distance, "frechet_train_to_eval": a
     training subset's of the same size (the reference), "distance": how they were measured}."""
     val_subset = val_set.select(list(range(min(DISTANCE_IMAGES, len(val_set)))))
     if eval_features is None or len(eval_features) != len(val_subset):
-        eval_features = head_features(fp_model, build_loader(val_subset, batch_size, shuffle=False), device)
-    train_distance = frechet_distance(head_features(fp_model, train_loader, device), eval_features)
+        eval_features = head_features(fp_model, build_loader(val_subset, batch_size, shuffle=False), device,
+                                      progress, "distance: evaluation images")
+    train_distance = frechet_distance(head_features(fp_model, train_loader, device, progress,
+                                                    "distance: training images"), eval_features)
     distance = train_distance if same_as_train else \
-        frechet_distance(head_features(fp_model, loader, device), eval_features)
+        frechet_distance(head_features(fp_model, loader, device, progress, "distance: calibration images"),
+                         eval_features)
     return {"frechet_to_eval": round(distance, 4), "frechet_train_to_eval": round(train_distance, 4),
             "distance": f"Frechet distance of the float model's head-input features to the first "
                         f"{len(val_subset)} evaluation images"}
@@ -141,14 +146,15 @@ def capture_head_features(model: nn.Module, limit: int = DISTANCE_IMAGES) -> Ite
 
 
 @torch.no_grad()
-def head_features(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> Tensor:
+def head_features(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                  progress: bool = False, desc: str = "head features") -> Tensor:
     """(N, D) inputs of the model's classifier head (the class token after the final
-    LayerNorm) over every image of ``loader``."""
+    LayerNorm) over every image of ``loader`` (a progress bar of batches with ``progress``)."""
     features: list[Tensor] = []
     handle = _head(model).register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].float().cpu()))
     try:
         model.eval()
-        for images, _ in loader:
+        for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
             model(images.to(device))
     finally:
         handle.remove()

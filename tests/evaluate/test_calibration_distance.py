@@ -25,3 +25,13 @@ def test_captured_head_features_equal_a_separate_pass(tiny_config):
     assert torch.allclose(captured, expected[:7], atol=1e-6)
     model(images[:2])  # the hook is gone after the block
     assert sum(len(r) for r in rows) == 7
+
+
+def test_the_distance_pass_shows_a_progress_bar(tiny_config, capsys):
+    """At 224 px this pass takes minutes: it has its own progress bar (stderr)."""
+    model = VisionTransformer(tiny_config).eval()
+    images = torch.randn(6, tiny_config.in_chans, tiny_config.img_size, tiny_config.img_size)
+    head_features(model, _batches(images, 2), progress=True, desc="distance: training images")
+    assert "distance: training images" in capsys.readouterr().err
+    head_features(model, _batches(images, 2))
+    assert capsys.readouterr().err == ""
