@@ -489,22 +489,30 @@ def build_table(variants: list[Variant], results: list[Any],
 ACCURACY_AT = {1: "top1_b1", 64: "top1_b64_mean"}  # the accuracy a user gets at each batch size
 
 
+def _peer_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The quantized peers' rows (neither ours nor a float baseline)."""
+    return [r for r in rows if not r["variant"].startswith("OURS") and r["variant"] not in FLOAT_BASELINES]
+
+
+def _against_fastest_peer(ours: dict[str, Any], peers: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """One of our rows against the fastest peer at ``batch``: times, ratio, met."""
+    key = f"b{batch}_median_ms"
+    fastest = min(peers, key=lambda r: r[key])
+    return {"ours_ms": ours[key], "fastest_peer": fastest["variant"], "fastest_peer_ms": fastest[key],
+            "ours_speedup_vs_fastest_peer": fastest[key] / ours[key], "met": ours[key] <= fastest[key]}
+
+
 def verdict(rows: list[dict[str, Any]], big: int = 64) -> dict[str, Any]:
     """For each of our rows and each timed batch size: at least as fast as the fastest
     quantized peer, and as accurate as the most accurate one at that batch size? Also, at
     batch 64 in image order, the paired test against that peer (McNemar exact p)."""
-    peers = [r for r in rows if not r["variant"].startswith("OURS") and r["variant"] not in FLOAT_BASELINES]
+    peers = _peer_rows(rows)
     scored = [r for r in peers if r.get("top1") is not None]
     out: dict[str, Any] = {}
     for ours in (r for r in rows if r["variant"].startswith("OURS")):
         entry: dict[str, Any] = {}
         for b in (1, big):
-            key = f"b{b}_median_ms"
-            fastest = min(peers, key=lambda r: r[key])
-            entry[f"b{b}"] = {"ours_ms": ours[key], "fastest_peer": fastest["variant"],
-                              "fastest_peer_ms": fastest[key],
-                              "ours_speedup_vs_fastest_peer": fastest[key] / ours[key],
-                              "met": ours[key] <= fastest[key]}
+            entry[f"b{b}"] = _against_fastest_peer(ours, peers, b)
             if ours.get("top1") is None:
                 continue
             acc = ACCURACY_AT[1 if b == 1 else 64]
@@ -527,17 +535,14 @@ def best_of_ours(rows: list[dict[str, Any]], big: int = 64) -> dict[str, Any]:
     """Our W8A8 on the best runtime for each batch size: our fastest row (any runtime) against
     the fastest peer at that batch size. The files are the same calibration, so a user picks
     the runtime per deployment; which one wins can differ between batch 1 and ``big``."""
-    peers = [r for r in rows if not r["variant"].startswith("OURS") and r["variant"] not in FLOAT_BASELINES]
+    peers = _peer_rows(rows)
     ours = [r for r in rows if r["variant"].startswith("OURS")]
     out: dict[str, Any] = {}
     if not ours or not peers:
         return out
     for b in (1, big):
-        key = f"b{b}_median_ms"
-        best, fastest = min(ours, key=lambda r: r[key]), min(peers, key=lambda r: r[key])
-        out[f"b{b}"] = {"ours": best["variant"], "ours_ms": best[key], "fastest_peer": fastest["variant"],
-                        "fastest_peer_ms": fastest[key], "ours_speedup_vs_fastest_peer": fastest[key] / best[key],
-                        "met": best[key] <= fastest[key]}
+        best = min(ours, key=lambda r: r[f"b{b}_median_ms"])
+        out[f"b{b}"] = {"ours": best["variant"], **_against_fastest_peer(best, peers, b)}
     return out
 
 

@@ -124,17 +124,18 @@ def _head(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def capture_head_features(model: nn.Module, limit: int = DISTANCE_IMAGES) -> Iterator[list[Tensor]]:
+def capture_head_features(model: nn.Module, limit: Optional[int] = DISTANCE_IMAGES) -> Iterator[list[Tensor]]:
     """Collect the inputs of ``model``'s classifier head (float32, CPU) for the first ``limit``
-    images of whatever runs through it inside the ``with`` block, in order (the FP32
+    images (None: all) of whatever runs through it inside the ``with`` block, in order (the FP32
     evaluation of an unsharded loader: its first images are :func:`build_calibration_set`'s
     evaluation images). Yields the list the rows are appended to (``torch.cat`` it)."""
     rows: list[Tensor] = []
     taken = [0]
 
     def hook(module: nn.Module, inputs: tuple) -> None:
-        if taken[0] < limit:
-            batch = inputs[0][: limit - taken[0]].detach().float().cpu()
+        if limit is None or taken[0] < limit:
+            batch = inputs[0] if limit is None else inputs[0][: limit - taken[0]]
+            batch = batch.detach().float().cpu()
             rows.append(batch)
             taken[0] += len(batch)
 
@@ -150,14 +151,10 @@ def head_features(model: nn.Module, loader: Iterable, device: torch.device | str
                   progress: bool = False, desc: str = "head features") -> Tensor:
     """(N, D) inputs of the model's classifier head (the class token after the final
     LayerNorm) over every image of ``loader`` (a progress bar of batches with ``progress``)."""
-    features: list[Tensor] = []
-    handle = _head(model).register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].float().cpu()))
-    try:
-        model.eval()
+    model.eval()
+    with capture_head_features(model, limit=None) as features:
         for images, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
             model(images.to(device))
-    finally:
-        handle.remove()
     return torch.cat(features)
 
 

@@ -42,7 +42,7 @@ from bvvit.evaluate.analysis import run_analysis
 from bvvit.evaluate.classification import evaluate_classifier
 from bvvit.io import json_safe
 from bvvit.ptq.cache import cache_base
-from bvvit.ptq.calibration import build_calibration_set, capture_head_features
+from bvvit.ptq.calibration import DISTANCE_IMAGES, build_calibration_set, capture_head_features
 from bvvit.ptq.calibration import describe as describe_calibration
 from bvvit.ptq.classes import HeadLabels
 from bvvit.ptq.inputs import load_inputs
@@ -158,14 +158,16 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
              f"patch {loaded.config.patch_size}); data: {source.describe()}; evaluating on {len(val_set)} images")
 
     # The FP32 evaluation also yields the evaluation images' head features that the
-    # calibration set's distance needs (unsharded runs: one pass over them instead of two).
-    with _stage(timings, "fp32_evaluation_s"), capture_head_features(fp_model) as eval_rows:
+    # calibration set's distance needs (unsharded runs: one pass over them instead of two;
+    # a shard's images are not the first ones, so sharded runs capture nothing).
+    with _stage(timings, "fp32_evaluation_s"), \
+            capture_head_features(fp_model, limit=0 if info.enabled else DISTANCE_IMAGES) as eval_rows:
         fp_metrics, fp_logits = evaluate_classifier(fp_model, val_loader, loaded.class_names,
                                                     class_indices=loaded.class_indices,
                                                     device=device, progress=job.progress)
     with _stage(timings, "calibration_set_s"):
         calib = build_calibration_set(job, source, pre, fp_model, val_set, device,
-                                      eval_features=None if info.enabled or not eval_rows else torch.cat(eval_rows))
+                                      eval_features=torch.cat(eval_rows) if eval_rows else None)
     calib_loader = calib.loader
     torch.manual_seed(job.seed)
     log.info(describe_calibration(calib.record))
