@@ -9,56 +9,25 @@ columns with large Hessian diagonals (important inputs) first.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from bvvit.quant.hooks import run_with_hooks
+from bvvit.quant.input_stats import MAX_HESSIAN_ROWS, input_statistics
 from bvvit.quant.primitives import PerGroup, QParams
-
-
-MAX_HESSIAN_ROWS = 1 << 15  # input rows per layer that enter a Hessian (see input_hessians)
 
 
 @torch.no_grad()
 def input_hessians(model: nn.Module, loader: Iterable, names: list[str],
                    device: torch.device | str = "cpu", max_rows: int = MAX_HESSIAN_ROWS,
                    seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
-    """``2 X^T X / n`` of each named Linear's input rows over ``loader`` (float64).
-
-    At most about ``max_rows`` rows per layer enter the sum: when the loader holds more
-    (images x tokens: a ViT-B/16 at 1,024 images has 201,728 rows per layer, and x^T x of
-    its fc2 input would cost ~4 TFLOP in float64 per layer), each batch contributes a seeded
-    uniform subset of its rows in proportion, its products taken in float32 (the sample's
-    error dwarfs their rounding) and summed in float64. Fewer rows than ``max_rows`` are all
-    used, in float64.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    num_images = len(getattr(loader, "dataset", ())) or None
-    generator = torch.Generator().manual_seed(seed)
-
-    def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
-        x = inputs[0].detach()
-        tokens = x.shape[1] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1])
-        if num_images is not None and num_images * tokens > max_rows:
-            keep = max(1, math.ceil(x.shape[0] * max_rows / (num_images * tokens)))
-            rows = torch.randperm(x.shape[0], generator=generator)[:keep].sort().values
-            x = x[rows.to(x.device)].float()
-            # a sampled estimate (~1/sqrt(rows) error): float32 products, float64 sum, 2x faster
-            product = (x.T @ x).double()
-        else:
-            x = x.double()  # (rows, in): every row, exact in float64
-            product = x.T @ x
-        sums[name] = sums.get(name, 0) + product
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    run_with_hooks(model, loader, names, record, device, progress, desc="GPTQ Hessians")
-    # one layer at a time, so the sums and the result are not both held (ViT-B/16: 1.1 GB each)
-    return {name: 2.0 * sums.pop(name) / counts[name] for name in list(sums)}
+    """``2 X^T X / n`` of each named Linear's input rows over ``loader`` (float64), from
+    at most about ``max_rows`` rows per layer (:mod:`bvvit.quant.input_stats`)."""
+    stats = input_statistics(model, loader, moment_names=names, device=device, max_rows=max_rows,
+                             seed=seed, progress=progress, desc="GPTQ Hessians")
+    # each in place of its sums (ViT-B/16: 1.1 GB in all, held once)
+    return {name: stats.moments.pop(name).hessian() for name in list(stats.moments)}
 
 
 def _column_qparams(qp: QParams, column: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bvvit.model import VisionTransformer
-from bvvit.quant.hooks import run_with_hooks
+from bvvit.quant.input_stats import input_statistics
 
 
 def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, tuple[str, ...]]]:
@@ -37,23 +37,17 @@ def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, tuple[str, ..
     return pairs
 
 
-@torch.no_grad()
 def channel_ranges(model: nn.Module, loader: Iterable, names: list[str], device: torch.device | str = "cpu",
                    progress: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (min, max) of each named module's INPUT over ``loader``: what the Linear
     after a LayerNorm sees (a head: only the tokens it reads, pooled)."""
-    ranges: dict[str, list[torch.Tensor]] = {}
+    return input_statistics(model, loader, range_names=names, device=device, progress=progress,
+                            desc="LayerNorm ranges").ranges
 
-    def record(name: str, inputs: tuple, output: torch.Tensor) -> None:
-        flat = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-        lo, hi = flat.min(dim=0).values, flat.max(dim=0).values
-        if name in ranges:
-            ranges[name] = [torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)]
-        else:
-            ranges[name] = [lo, hi]
 
-    run_with_hooks(model, loader, names, record, device, progress, desc="LayerNorm ranges")
-    return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
+def range_names(model: VisionTransformer) -> list[str]:
+    """The Linears whose input ranges the reparameterization needs."""
+    return [name for _, linears in norm_linear_pairs(model) for name in linears]
 
 
 @torch.no_grad()
@@ -76,10 +70,19 @@ def reparameterize_layernorms(model: VisionTransformer, loader: Iterable, alpha:
                               ) -> dict[str, dict[str, float]]:
     """Equalise post-LayerNorm channel ranges of ``model`` in place; returns statistics
     (max/median channel range before and after) per LayerNorm."""
-    pairs = norm_linear_pairs(model)
-    ranges = channel_ranges(model, loader, [name for _, linears in pairs for name in linears], device, progress)
-    stats = {}
-    for norm_name, linear_names in pairs:
+    ranges = channel_ranges(model, loader, range_names(model), device, progress)
+    return reparameterize_from_ranges(model, ranges, alpha)[0]
+
+
+@torch.no_grad()
+def reparameterize_from_ranges(model: VisionTransformer, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                               alpha: float = 1.0
+                               ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`reparameterize_layernorms` from input ranges measured beforehand
+    (:func:`channel_ranges` of :func:`range_names`). Returns (statistics per LayerNorm,
+    ``(r, d)`` per Linear: its new input is ``(old - d) / r``)."""
+    stats, factors = {}, {}
+    for norm_name, linear_names in norm_linear_pairs(model):
         lo = torch.stack([ranges[name][0] for name in linear_names]).amin(dim=0)
         hi = torch.stack([ranges[name][1] for name in linear_names]).amax(dim=0)
         width = (hi - lo).clamp(min=1e-6)
@@ -88,7 +91,8 @@ def reparameterize_layernorms(model: VisionTransformer, loader: Iterable, alpha:
         d = mid - r * mid.median()
         fold_channel_affine(model.get_submodule(norm_name),
                             [model.get_submodule(name) for name in linear_names], r, d)
+        factors.update({name: (r, d) for name in linear_names})
         after = width / r
         stats[norm_name] = {"max_over_median_before": float(width.max() / width.median()),
                             "max_over_median_after": float(after.max() / after.median())}
-    return stats
+    return stats, factors
