@@ -177,8 +177,8 @@ def build_parser() -> OneLineParser:
     rec.add_argument("--no-reconstruct", action="store_true",
                      help="never reconstruct (faster calibration, less accurate at <= 4 bits)")
     g.add_argument("--reconstruct-iters", type=positive_int, default=None,
-                   help="Adam steps per reconstruction unit (default 100: as accurate as 300 on the "
-                        "demo model at a third of the time)")
+                   help="Adam steps per reconstruction unit (default 100 at 4 bits, as accurate as 300 "
+                        "there at a third of the time; 300 at <= 3 bits, where they help)")
     g.add_argument("--time-budget", type=positive_seconds, default=None, metavar="SECONDS",
                    help="seconds the reconstruction of one variant may take: every unit gets fewer "
                         "steps (at least 10) when the measured step time says the rest would not fit")

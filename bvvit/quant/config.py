@@ -156,7 +156,7 @@ class ReconstructOptions:
     model."""
 
     enabled: bool = False
-    iters: int = 100  # Adam steps per unit (patch embedding, each block, head); 300 was no better
+    iters: int = 100  # Adam steps per unit (patch embedding, each block, head); 300 was no better at 4 bits
     time_budget: Optional[float] = None  # seconds for the whole reconstruction (None: no limit)
     batch_size: int = 32  # images per step
     drop_prob: float = 0.0  # QDrop: chance of keeping an activation float (0 = BRECQ)

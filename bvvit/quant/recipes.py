@@ -7,7 +7,8 @@ minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-m
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
-            (+ reconstruction at <= 4 bits)        softmax grid (uniform, log2, log-sqrt2)
+            (+ reconstruction at <= 4 bits,        softmax grid (uniform, log2, log-sqrt2)
+            300 steps at <= 3 bits)
                                                    chosen per block by calibration error
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction
@@ -55,6 +56,8 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
 
 IMAGE_BITS = 8  # vit quantizes the image (uint8 data: exact at 8 bits) at max(a_bits, 8)
 LOW_BITS = 4  # vit reconstructs block by block when weights or activations have <= this many bits
+LONG_RECONSTRUCTION_BITS = 3  # ... with 300 steps per unit instead of 100 at <= this many bits
+LONG_RECONSTRUCTION_ITERS = 300
 
 
 def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
@@ -71,14 +74,24 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="auto")
     return {**_mse(w_bits, a_bits), "softmax": softmax, "image_bits": max(a_bits, IMAGE_BITS),
             "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
-            "reconstruct": ReconstructOptions(enabled=min(w_bits, a_bits) <= LOW_BITS)}
+            "reconstruct": _reconstruction(min(w_bits, a_bits))}
+
+
+def _reconstruction(bits: int) -> ReconstructOptions:
+    """Block reconstruction at <= 4 bits; 300 steps per unit at <= 3 bits, where they cut the
+    logit KL by a fifth on every seed tried (W3A3, held-out images, BENCHMARKS.md section 8),
+    while at 4 bits 300 steps bought nothing over 100."""
+    if bits <= LONG_RECONSTRUCTION_BITS:
+        return ReconstructOptions(enabled=True, iters=LONG_RECONSTRUCTION_ITERS)
+    return ReconstructOptions(enabled=bits <= LOW_BITS)
 
 
 def _vit_recon(w_bits: int, a_bits: int) -> dict[str, Any]:
     """``vit`` followed by block-wise reconstruction (bvvit/quant/reconstruct.py): the GPTQ
     codes are refined by learned rounding and the activation step sizes are learned, block
     by block, against the float model's outputs on the calibration images."""
-    return {**_vit(w_bits, a_bits), "reconstruct": ReconstructOptions(enabled=True)}
+    return {**_vit(w_bits, a_bits), "reconstruct": dataclasses.replace(_reconstruction(min(w_bits, a_bits)),
+                                                                        enabled=True)}
 
 
 RECIPES: dict[str, Callable[[int, int], dict[str, Any]]] = {

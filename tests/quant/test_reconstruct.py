@@ -119,6 +119,10 @@ def test_recipe_runs_end_to_end_and_beats_vit_on_its_calibration_data(model, cal
     # vit itself reconstructs when weights or activations have <= 4 bits, and only then
     assert make_quant_config("vit", 4, 8).reconstruct.enabled and make_quant_config("vit", 8, 3).reconstruct.enabled
     assert not make_quant_config("vit", 6, 6).reconstruct.enabled
+    # with 100 steps per unit at 4 bits and 300 at <= 3 bits; an explicit count wins
+    assert [make_quant_config(r, w, a).reconstruct.iters for r in ("vit", "vit-recon")
+            for w, a in ((4, 4), (4, 8), (3, 3), (8, 3), (6, 6))] == [100, 100, 300, 300, 100] * 2
+    assert make_quant_config("vit", 3, 3, reconstruct={"iters": 40}).reconstruct.iters == 40
 
 
 def test_log2_softmax_and_no_grad_callers_are_fine(model, calib):
