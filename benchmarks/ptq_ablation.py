@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=None,
                    help="evaluate on this many held-out TRAINING images (not in any calibration "
                         "subset of up to 1,024 images of seed 0) instead of the test split")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated recipe seeds (the Hessian row sample, the reconstruction's "
+                        "batches); each row runs once per seed")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     wanted = VARIANTS if args.variants is None else [v.strip() for v in args.variants.split(",")]
@@ -101,24 +104,27 @@ def main() -> None:
     print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} {'held-out training' if args.heldout else 'test'} "
           f"images; calibration {args.calib_size} "
           f"training images; threads {torch.get_num_threads()}")
-    print(f"{'W/A':<6}{'variant':<28}{'top-1':>8}{'drop':>8}{'agree':>8}{'KL':>8}{'calib s':>9}{'recon s':>9}  grid")
+    print(f"{'W/A':<6}{'variant':<28}{'seed':>5}{'top-1':>8}{'drop':>8}{'agree':>8}{'KL':>8}{'calib s':>9}"
+          f"{'recon s':>9}  grid")
     rows = []
+    seeds = [int(v) for v in args.seeds.split(",")]
     for pair in args.pairs.split(","):
         w, a = (int(v) for v in pair.split("/"))
-        for name, cfg in variants(w, a):
+        for (name, cfg), seed in ((variant, seed) for variant in variants(w, a) for seed in seeds):
             if name not in wanted:
                 continue
+            cfg = dataclasses.replace(cfg, seed=seed)
             start = time.perf_counter()
             qmodel, report = quantize_model(loaded.model, cfg, calib)
             metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
-            row = {"w_bits": w, "a_bits": a, "variant": name, "top1": metrics["top1"],
+            row = {"w_bits": w, "a_bits": a, "variant": name, "seed": seed, "top1": metrics["top1"],
                    "drop": metrics["top1_drop"], "agreement": metrics["agreement"], "kl": metrics["kl_div"],
                    "softmax_grid": grid_summary(report.extras["softmax_grids"])
                    if report.extras.get("softmax_grids") else cfg.softmax.method,
                    "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start,
                    "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
             rows.append(row)
-            print(f"W{w}A{a:<4}{name:<28}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
+            print(f"W{w}A{a:<4}{name:<28}{seed:>5}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
                   f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
                   f"{row['softmax_grid']}", flush=True)
     if args.json:
