@@ -46,6 +46,52 @@ def test_auto_picks_the_grid_with_the_lowest_attention_error(model, bits, factor
     assert "auto" not in methods
 
 
+def _errors_by_definition(qmodel, loader, max_images):
+    """Every softmax's relative attn @ v error per grid, from P and v of all images held at once."""
+    from bvvit.quant.softmax_grid import SOFTMAX_GRIDS, grid_qparams
+    samples, pending, handles = {}, {}, []
+    for i, block in enumerate(qmodel.blocks):
+        name = f"blocks.{i}.attn.softmax"
+        handles.append(block.attn.softmax.register_forward_hook(
+            lambda m, inp, out, name=name: pending.__setitem__(name, inp[0].softmax(dim=m.dim))))
+        handles.append(block.attn.matmul_av.register_forward_hook(
+            lambda m, inp, out, name=name: samples.setdefault(name, []).append(
+                (pending.pop(name), m.quantizer_b(inp[1]) if getattr(m, "quantizer_b", None) else inp[1]))))
+    seen = 0
+    with torch.no_grad():
+        for images, _ in loader:
+            if seen >= max_images:
+                break
+            qmodel(images[:max_images - seen])
+            seen += len(images[:max_images - seen])
+    for handle in handles:
+        handle.remove()
+    out = {}
+    for i, block in enumerate(qmodel.blocks):
+        name, pairs = f"blocks.{i}.attn.softmax", samples[f"blocks.{i}.attn.softmax"]
+        p_max = max(float(p.max()) for p, _ in pairs)
+        reference = sum(float((p @ v).pow(2).sum()) for p, v in pairs)
+        out[name] = {grid: sum(float((grid_qparams(block.attn.softmax.output_quantizer, grid, p_max)
+                                      .fake_quantize(p) @ v - p @ v).pow(2).sum()) for p, v in pairs) / reference
+                     for grid in SOFTMAX_GRIDS}
+    return out
+
+
+def test_streamed_errors_equal_the_definition_over_several_batches(model):
+    """The choice holds one block's probabilities at a time; its errors equal those computed
+    from every image's P and v held at once (40 of 48 images: three batches, the last cut)."""
+    from bvvit.quant.softmax_grid import choose_softmax_grids
+    cfg = make_quant_config("mse", 4, 4)  # uniform softmax grid: calibrated, not yet chosen
+    loader = noise_loader(48, 16)
+    qmodel, _ = quantize_model(_sharpened(model, 10.0), cfg, loader)
+    expected = _errors_by_definition(qmodel, loader, 40)
+    chosen = choose_softmax_grids(qmodel, loader, max_images=40)
+    assert set(chosen) == set(expected)
+    for name, record in chosen.items():
+        assert record["errors"] == pytest.approx(expected[name], rel=1e-12)
+        assert record["choice"] == min(expected[name], key=expected[name].get)
+
+
 def test_chosen_grids_survive_the_packed_file(model, tmp_path):
     cfg = make_quant_config("mse", 3, 3, softmax_method="auto")
     qmodel, report = quantize_model(model, cfg, noise_loader(32, 16))
