@@ -237,7 +237,7 @@ class SharedFloatStatistics:
                                      progress=progress,
                                      desc="LayerNorm ranges + GPTQ Hessians" if moment_names else "LayerNorm ranges")
             extras["reparam"], factors = reparameterize_from_ranges(work, stats.ranges, cfg.reparam.alpha)
-            for name in moment_names:  # each Hessian replaces its moments (no second copy)
+            for name in list(stats.moments):  # each Hessian replaces its moments (no second copy)
                 r, d = factors.get(name, (None, None))
                 self._hessians[name] = stats.moments.pop(name).hessian(shift=d, scale=r)
             if moment_names:
