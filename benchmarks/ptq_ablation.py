@@ -110,23 +110,24 @@ def main() -> None:
     seeds = [int(v) for v in args.seeds.split(",")]
     for pair in args.pairs.split(","):
         w, a = (int(v) for v in pair.split("/"))
-        for (name, cfg), seed in ((variant, seed) for variant in variants(w, a) for seed in seeds):
+        for name, recipe_cfg in variants(w, a):
             if name not in wanted:
                 continue
-            cfg = dataclasses.replace(cfg, seed=seed)
-            start = time.perf_counter()
-            qmodel, report = quantize_model(loaded.model, cfg, calib)
-            metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
-            row = {"w_bits": w, "a_bits": a, "variant": name, "seed": seed, "top1": metrics["top1"],
-                   "drop": metrics["top1_drop"], "agreement": metrics["agreement"], "kl": metrics["kl_div"],
-                   "softmax_grid": grid_summary(report.extras["softmax_grids"])
-                   if report.extras.get("softmax_grids") else cfg.softmax.method,
-                   "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start,
-                   "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
-            rows.append(row)
-            print(f"W{w}A{a:<4}{name:<28}{seed:>5}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
-                  f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
-                  f"{row['softmax_grid']}", flush=True)
+            for seed in seeds:
+                cfg = dataclasses.replace(recipe_cfg, seed=seed)
+                start = time.perf_counter()
+                qmodel, report = quantize_model(loaded.model, cfg, calib)
+                metrics, _ = evaluate_classifier(qmodel, val, reference_logits=fp_logits)
+                row = {"w_bits": w, "a_bits": a, "variant": name, "seed": seed, "top1": metrics["top1"],
+                       "drop": metrics["top1_drop"], "agreement": metrics["agreement"], "kl": metrics["kl_div"],
+                       "softmax_grid": grid_summary(report.extras["softmax_grids"])
+                       if report.extras.get("softmax_grids") else cfg.softmax.method,
+                       "calibration_s": report.calibration_time_s, "total_s": time.perf_counter() - start,
+                       "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
+                rows.append(row)
+                print(f"W{w}A{a:<4}{name:<28}{seed:>5}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
+                      f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
+                      f"{row['softmax_grid']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"fp32_top1": fp["top1"], "rows": rows}, indent=2))
 

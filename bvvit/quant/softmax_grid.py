@@ -22,6 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from bvvit.quant.hooks import run_with_hooks
 from bvvit.quant.log2 import LogQParams
 from bvvit.quant.modules import ActQuantizer, QuantSoftmax
 
@@ -29,22 +30,10 @@ SOFTMAX_GRIDS = {"uniform": None, "log2": 1, "log-sqrt2": 2}  # name -> steps pe
 CHOICE_IMAGES = 64  # calibration images the choice is measured on
 
 
-def _softmax_pairs(qmodel: nn.Module) -> list[tuple[str, QuantSoftmax, nn.Module]]:
-    """(name, attention softmax, the ``attn @ v`` matmul that reads it) for every block."""
-    return [(name, module, qmodel.get_submodule(name.rsplit(".", 1)[0] + ".matmul_av"))
+def _softmax_pairs(qmodel: nn.Module) -> list[tuple[str, QuantSoftmax, str]]:
+    """(name, attention softmax, name of the ``attn @ v`` matmul that reads it) per block."""
+    return [(name, module, name.rsplit(".", 1)[0] + ".matmul_av")
             for name, module in qmodel.named_modules() if isinstance(module, QuantSoftmax)]
-
-
-@torch.no_grad()
-def _run_images(qmodel: nn.Module, loader: Iterable, max_images: int, device: torch.device | str) -> None:
-    """Forward the first ``max_images`` images of ``loader`` through ``qmodel``."""
-    seen = 0
-    for images, _ in loader:
-        if seen >= max_images:
-            break
-        images = images[:max_images - seen].to(device)
-        qmodel(images)
-        seen += images.shape[0]
 
 
 @torch.no_grad()
@@ -52,18 +41,14 @@ def probability_maxima(qmodel: nn.Module, loader: Iterable, max_images: int,
                        device: torch.device | str = "cpu") -> dict[str, float]:
     """{softmax module name: the largest probability P it outputs} over the first
     ``max_images`` images (P: the float softmax of the scores the quantized softmax receives)."""
+    softmaxes = {name: softmax for name, softmax, _ in _softmax_pairs(qmodel)}
     maxima: dict[str, float] = {}
 
-    def hook(mod: nn.Module, inputs: tuple, output: Tensor, name: str) -> None:
-        maxima[name] = max(maxima.get(name, 0.0), float(inputs[0].softmax(dim=mod.dim).max()))
+    def record(name: str, inputs: tuple, output: Tensor) -> None:
+        p_max = float(inputs[0].softmax(dim=softmaxes[name].dim).max())
+        maxima[name] = max(maxima.get(name, 0.0), p_max)
 
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
-               for name, module, _ in _softmax_pairs(qmodel)]
-    try:
-        _run_images(qmodel, loader, max_images, device)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(qmodel, loader, list(softmaxes), record, device, max_images=max_images)
     return maxima
 
 
@@ -94,29 +79,24 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
                   for name, module, _ in pairs}
     errors = {name: dict.fromkeys(SOFTMAX_GRIDS, 0.0) for name, _, _ in pairs}
     reference = dict.fromkeys(errors, 0.0)
+    softmax_of = {matmul: name for name, _, matmul in pairs}
+    modules = {name: qmodel.get_submodule(name) for pair in pairs for name in (pair[0], pair[2])}
     pending: dict[str, Tensor] = {}
 
-    def keep_p(mod: nn.Module, inputs: tuple, output: Tensor, name: str) -> None:
-        pending[name] = inputs[0].softmax(dim=mod.dim)
-
-    def add_errors(mod: nn.Module, inputs: tuple, output: Tensor, name: str) -> None:
-        quantizer = getattr(mod, "quantizer_b", None)
+    def record(name: str, inputs: tuple, output: Tensor) -> None:
+        if name not in softmax_of:  # a softmax: keep its probabilities until attn @ v reads them
+            pending[name] = inputs[0].softmax(dim=modules[name].dim)
+            return
+        softmax = softmax_of[name]
+        quantizer = getattr(modules[name], "quantizer_b", None)
         v = inputs[1] if quantizer is None else quantizer(inputs[1])
-        p = pending.pop(name)
+        p = pending.pop(softmax)
         pv = p @ v
-        reference[name] += float(pv.pow(2).sum())
-        for grid, qparams in candidates[name].items():
-            errors[name][grid] += float((qparams.fake_quantize(p) @ v - pv).pow(2).sum())
+        reference[softmax] += float(pv.pow(2).sum())
+        for grid, qparams in candidates[softmax].items():
+            errors[softmax][grid] += float((qparams.fake_quantize(p) @ v - pv).pow(2).sum())
 
-    handles = []
-    for name, softmax, matmul in pairs:
-        handles.append(softmax.register_forward_hook(lambda m, i, o, name=name: keep_p(m, i, o, name)))
-        handles.append(matmul.register_forward_hook(lambda m, i, o, name=name: add_errors(m, i, o, name)))
-    try:
-        _run_images(qmodel, loader, max_images, device)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(qmodel, loader, list(modules), record, device, max_images=max_images)
     chosen: dict[str, dict[str, Any]] = {}
     for name, module, _ in pairs:
         relative = {grid: error / max(reference[name], 1e-30) for grid, error in errors[name].items()}
