@@ -180,8 +180,9 @@ def build_parser() -> OneLineParser:
                    help="Adam steps per reconstruction unit (default 100 at 4 bits, as accurate as 300 "
                         "there at a third of the time; 300 at <= 3 bits, where they help)")
     g.add_argument("--time-budget", type=positive_seconds, default=None, metavar="SECONDS",
-                   help="seconds the reconstruction of one variant may take: every unit gets fewer "
-                        "steps (at least 10) when the measured step time says the rest would not fit")
+                   help="seconds the reconstruction of one variant may take, its passes over the "
+                        "calibration images included: from measured costs, each unit gets fewer steps "
+                        "(at least 10), then fewer images (at least 64) when the rest would not fit")
     g.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream by a randomized Hadamard matrix folded into the "
                         "weights (exact in float, no extra op) before GPTQ/reconstruction")

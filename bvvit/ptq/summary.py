@@ -135,6 +135,8 @@ def build_summary(job: Any, loaded: LoadedModel, data_desc: str, calibration: di
                               "calibration_time_s": v.report.get("calibration_time_s"),
                               "softmax_grids": v.report.get("extras", {}).get("softmax_grids"),
                               "rotation": v.report.get("extras", {}).get("rotation"),
+                              # per-unit steps, images and errors; what --time-budget did
+                              "reconstruction": v.report.get("extras", {}).get("reconstruct"),
                               "file": v.file, "latency": latency.get(v.name)}
                      for v in variants},
         "notes": NOTES,

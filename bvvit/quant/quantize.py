@@ -328,6 +328,8 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
         step = time.perf_counter()
         report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
                                                          device, seed=cfg.seed, progress=progress)
+        if "budget_note" in report.extras["reconstruct"]:
+            report.warnings.append(report.extras["reconstruct"]["budget_note"])
         timings["reconstruct_s"] = time.perf_counter() - step
     report.calibration_time_s = time.perf_counter() - start
     report.warnings += _missing(cfg, model, qmodel)

@@ -210,6 +210,17 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
     ``q_inputs`` / ``f_inputs`` are the quantized / float model's inputs to the unit;
     ``iters`` (default ``options.iters``) is the number of Adam steps.
     """
+    return _reconstruct_unit(qunit, funit, q_inputs, f_inputs, targets, options, generator, iters)[0]
+
+
+@torch.inference_mode(False)
+@torch.enable_grad()
+def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inputs: Tensor,
+                      targets: Tensor, options: ReconstructOptions, generator: torch.Generator,
+                      iters: Optional[int] = None) -> tuple[dict[str, Any], Tensor]:
+    """:func:`reconstruct_unit`, also returning the final unit's outputs on ``q_inputs`` (the
+    next unit's quantized inputs: the pass that measures the error after gives them) and,
+    in the statistics, the seconds of the Adam steps and of the passes over all images."""
     iters = options.iters if iters is None else iters
     weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, options.init)
                for name, m in qunit.named_modules()
@@ -217,8 +228,10 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
     acts = {name: m for name, m in qunit.named_modules()
             if isinstance(m, ActQuantizer) and m.state == QUANTIZE}
     if not weights and not acts:
-        return {"skipped": True}
+        return {"skipped": True}, _run(qunit, q_inputs)
+    passes_start = time.perf_counter()
     before = unit_error(qunit, q_inputs, targets)
+    passes_s = time.perf_counter() - passes_start
     originals = {name: q.qparams for name, q in acts.items()}
     learned = {name: _LearnedActQParams(q.qparams, options.learn_act) for name, q in acts.items()}
     params = [{"params": [w.V for w in weights.values()], "lr": options.weight_lr}]
@@ -231,6 +244,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
     n = len(q_inputs)
     order = torch.randperm(n, generator=generator)
     cursor = 0
+    steps_start = time.perf_counter()
     try:
         for name, quantizer in acts.items():
             learned[name].drop_prob, learned[name].generator = options.drop_prob, generator
@@ -258,6 +272,7 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
     finally:
         for name, quantizer in acts.items():
             quantizer.qparams = originals[name]
+    steps_s = time.perf_counter() - steps_start
     undecided = sum(int(((w.h() > 0.01) & (w.h() < 0.99)).sum()) for w in weights.values())
     start_codes = {name: w.module.weight_codes for name, w in weights.items()}
     changed = 0
@@ -267,16 +282,20 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
         _set_codes(w.module, codes)
     for name, quantizer in acts.items():
         quantizer.set_qparams(learned[name].final())
-    after = unit_error(qunit, q_inputs, targets)
+    passes_start = time.perf_counter()
+    outputs = _run(qunit, q_inputs)
+    after = float(_relative_mse(outputs, targets))
+    passes_s += time.perf_counter() - passes_start
     reverted = after > before  # never hand back a unit worse than it came on its own data
     if reverted:
         for name, w in weights.items():
             _set_codes(w.module, start_codes[name])
         for name, quantizer in acts.items():
             quantizer.set_qparams(originals[name])
-        changed, after = 0, before
-    return {"error_before": before, "error_after": after, "codes_changed": changed,
-            "soft_at_end": undecided, "weights": n_weights, "reverted": reverted, "iters": iters}
+        changed, after, outputs = 0, before, _run(qunit, q_inputs)
+    return ({"error_before": before, "error_after": after, "codes_changed": changed,
+             "soft_at_end": undecided, "weights": n_weights, "reverted": reverted, "iters": iters,
+             "images": n, "steps_s": steps_s, "passes_s": passes_s}, outputs)
 
 
 def _set_codes(module: nn.Module, codes: Tensor) -> None:
@@ -300,7 +319,12 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
     ``float_model`` (the float network ``qmodel`` was converted from, e.g. after LayerNorm
     reparameterization) on the images of ``loader``, with the hyperparameters of ``options``
     (its ``enabled`` is the caller's business) and QDrop's random draws from ``seed``
-    (a progress bar per unit when ``progress``). Modifies ``qmodel`` in place and returns per-unit statistics and the time taken."""
+    (a progress bar per unit when ``progress``). Modifies ``qmodel`` in place and returns
+    per-unit statistics and the time taken.
+
+    With ``options.time_budget`` the whole call, passes over the images included, is planned
+    to end within the budget (:func:`plan_unit`); ``budget_note`` in the result says when
+    even the fewest steps on the fewest images could not fit."""
     start = time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     float_model.eval()
@@ -310,50 +334,111 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
     f_in = q_in = _images(loader, device)
     if options.units == "blocks":  # the first block's input: the embedding of either model
         f_in, q_in = _run(_Embed(float_model), f_in), _run(_Embed(qmodel), q_in)
+    images_given = len(f_in)
     stats: dict[str, Any] = {}
-    step_s = _step_seconds(q_units, q_in, options) if options.time_budget is not None else None
+    costs = _probe_costs(f_units, q_units, q_in, options) if options.time_budget is not None else None
+    over_budget = False
     for index, (name, q_unit) in enumerate(tqdm(q_units, desc="reconstruct", disable=not progress, leave=False)):
-        iters = unit_iterations(options, time.perf_counter() - start, len(q_units) - index, step_s)
+        iters, images, fits = plan_unit(options, time.perf_counter() - start, len(q_units) - index,
+                                        len(f_in), costs)
+        over_budget |= not fits
+        if images < len(f_in):  # the budget leaves no time for passes over every image
+            keep = torch.randperm(len(f_in), generator=torch.Generator().manual_seed(seed + index))[:images]
+            keep = keep.sort().values.to(f_in.device)
+            f_in, q_in = f_in[keep], q_in[keep]
+        pass_start = time.perf_counter()
         f_out = _run(f_units[name], f_in)
-        unit_start = time.perf_counter()
-        stats[name] = reconstruct_unit(q_unit, f_units[name], q_in, f_in, f_out, options, generator, iters)
-        if not stats[name].get("skipped") and step_s is not None:
-            step_s = max(step_s, (time.perf_counter() - unit_start) / iters)
-        q_in, f_in = _run(q_unit, q_in), f_out
-    return {"units": stats, "time_s": time.perf_counter() - start, "images": len(f_in),
-            "iters": options.iters, "drop_prob": options.drop_prob, "time_budget_s": options.time_budget,
-            "iters_run": {name: unit.get("iters", 0) for name, unit in stats.items()}}
+        float_pass_s = time.perf_counter() - pass_start
+        stats[name], q_in = _reconstruct_unit(q_unit, f_units[name], q_in, f_in, f_out, options, generator, iters)
+        if costs is not None and not stats[name].get("skipped"):
+            costs.update(stats[name], float_pass_s, len(f_in))
+        f_in = f_out
+    result = {"units": stats, "time_s": time.perf_counter() - start, "images": images_given,
+              "iters": options.iters, "drop_prob": options.drop_prob, "time_budget_s": options.time_budget,
+              "iters_run": {name: unit.get("iters", 0) for name, unit in stats.items()},
+              "images_run": {name: unit.get("images", len(f_in)) for name, unit in stats.items()}}
+    if over_budget:
+        result["budget_note"] = (
+            f"--time-budget {options.time_budget:g} s is below what reconstruction needs at its floor "
+            f"({MIN_BUDGET_ITERS} steps per unit on {MIN_BUDGET_IMAGES} images); it took "
+            f"{result['time_s']:.0f} s. Raise the budget or use --no-reconstruct")
+    return result
 
 
 MIN_BUDGET_ITERS = 10  # a unit never gets fewer Adam steps, whatever the budget
+MIN_BUDGET_IMAGES = 64  # nor fewer calibration images (all of them when there are fewer)
 
 
-def unit_iterations(options: ReconstructOptions, spent_s: float, units_left: int,
-                    step_s: Optional[float]) -> int:
-    """Adam steps for the next unit: ``options.iters``, or fewer so that the ``units_left``
-    units share what is left of ``options.time_budget`` evenly, given ``step_s`` seconds per
-    step (the slowest measured so far); never fewer than :data:`MIN_BUDGET_ITERS`."""
-    if options.time_budget is None or step_s is None:
-        return options.iters
+class UnitCosts:
+    """Seconds per Adam step and per image of a unit's passes over the calibration images
+    (float targets, quantized error before, error after = next unit's input): the slowest
+    seen so far, first from a probe of the first transformer block."""
+
+    def __init__(self, step_s: float, pass_s_per_image: float):
+        self.step_s, self.pass_s_per_image = step_s, pass_s_per_image
+
+    def update(self, unit_stats: dict[str, Any], float_pass_s: float, images: int) -> None:
+        if unit_stats.get("iters"):
+            self.step_s = max(self.step_s, unit_stats["steps_s"] / unit_stats["iters"])
+        self.pass_s_per_image = max(self.pass_s_per_image,
+                                    (unit_stats["passes_s"] + float_pass_s) / max(1, images))
+
+
+def plan_unit(options: ReconstructOptions, spent_s: float, units_left: int, images: int,
+              costs: Optional[UnitCosts]) -> tuple[int, int, bool]:
+    """(Adam steps, calibration images, whether that fits) for the next unit.
+
+    Without a budget: ``options.iters`` on every image. With one, the ``units_left`` units
+    share what is left of it evenly; a unit costs its steps plus its passes over the images.
+    The steps come first: a unit uses no more images than its steps draw (``steps x
+    batch_size``; the rest would only add pass time), and as many steps as then fit, up to
+    ``options.iters``. When not even :data:`MIN_BUDGET_ITERS` steps fit with that many images,
+    it keeps that many steps on fewer images, down to :data:`MIN_BUDGET_IMAGES`; when that
+    does not fit either, the result says so.
+    """
+    if options.time_budget is None or costs is None:
+        return options.iters, images, True
     share = max(0.0, options.time_budget - spent_s) / max(1, units_left)
-    return max(MIN_BUDGET_ITERS, min(options.iters, int(share / max(step_s, 1e-9))))
+
+    def cost(steps: int, n: int) -> float:
+        return steps * costs.step_s + n * costs.pass_s_per_image
+
+    def used(steps: int) -> int:
+        return min(images, max(MIN_BUDGET_IMAGES, steps * options.batch_size))
+
+    if cost(MIN_BUDGET_ITERS, used(MIN_BUDGET_ITERS)) > share:
+        fit = int((share - MIN_BUDGET_ITERS * costs.step_s) / max(costs.pass_s_per_image, 1e-12))
+        floor = min(images, MIN_BUDGET_IMAGES)
+        n = min(used(MIN_BUDGET_ITERS), max(floor, fit))
+        return MIN_BUDGET_ITERS, n, cost(MIN_BUDGET_ITERS, n) <= share
+    low, high = MIN_BUDGET_ITERS, max(MIN_BUDGET_ITERS, options.iters)
+    while low < high:  # the most steps that fit (the cost grows with the steps)
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cost(mid, used(mid)) <= share else (low, mid - 1)
+    return low, used(low), True
 
 
 @torch.inference_mode(False)
 @torch.enable_grad()
-def _step_seconds(q_units: list[tuple[str, nn.Module]], inputs: Tensor, options: ReconstructOptions) -> float:
-    """Seconds of one forward+backward of the first transformer block on a batch: the cost
-    of a step, measured before the budget is shared out (the embedding unit is cheaper)."""
-    blocks = [unit for name, unit in q_units if name.startswith("blocks.")] or [q_units[0][1]]
+def _probe_costs(f_units: dict[str, nn.Module], q_units: list[tuple[str, nn.Module]], inputs: Tensor,
+                 options: ReconstructOptions) -> UnitCosts:
+    """First estimate of :class:`UnitCosts` from the first transformer block on one batch:
+    a forward+backward (a step; the embedding unit is cheaper) and the forwards of its passes."""
+    name, block = next(((n, u) for n, u in q_units if n.startswith("blocks.")), q_units[0])
     x = inputs[:options.batch_size]
     if q_units[0][0] == "embed":
         with torch.no_grad():
             x = q_units[0][1](x)
     x = x.detach().requires_grad_(True)
     start = time.perf_counter()
-    blocks[0](x).pow(2).mean().backward()
-    return time.perf_counter() - start
+    block(x).pow(2).mean().backward()
+    step_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _run(f_units[name], x.detach())
+    _run(block, x.detach())
+    _run(block, x.detach())
+    return UnitCosts(step_s, (time.perf_counter() - start) / len(x))
 
 
-__all__ = ["reconstruct_model", "reconstruct_unit", "model_units", "unit_error", "unit_iterations",
-           "MIN_BUDGET_ITERS"]
+__all__ = ["reconstruct_model", "reconstruct_unit", "model_units", "unit_error", "plan_unit", "UnitCosts",
+           "MIN_BUDGET_ITERS", "MIN_BUDGET_IMAGES"]

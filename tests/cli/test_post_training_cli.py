@@ -53,6 +53,9 @@ def test_end_to_end(trained, tmp_path):
     assert summary["calibration"]["split"] == "train" and len(summary["calibration"]["indices"]) == 16
     assert summary["variants"]["w8a8"]["quant_config"]["recipe"] == "vit"  # the default
     assert summary["variants"]["w8a8"]["coverage"]
+    recon = summary["variants"]["w4a4"]["reconstruction"]  # the vit recipe reconstructs at 4 bits
+    assert recon["images"] == 16 and set(recon["iters_run"].values()) == {100}
+    assert summary["variants"]["w8a8"]["reconstruction"] is None
     # sizes are the real files
     for row in rows[1:5]:
         path = tmp_path / "models" / f"vit_{row['name']}.safetensors"

@@ -156,14 +156,42 @@ def test_cli_flag_maps_to_the_switch():
 
 # ------------------------------------------------------------------ budget
 
-def test_budget_shares_what_is_left_and_never_goes_below_the_floor():
-    from bvvit.quant.reconstruct import MIN_BUDGET_ITERS, unit_iterations
-    options = ReconstructOptions(enabled=True, iters=100, time_budget=10.0)
-    assert unit_iterations(options, 0.0, 5, None) == 100  # nothing measured yet
-    assert unit_iterations(options, 0.0, 5, 0.01) == 100  # 2 s each: 200 steps fit, capped
-    assert unit_iterations(options, 6.0, 4, 0.05) == 20  # 1 s each
-    assert unit_iterations(options, 12.0, 2, 0.05) == MIN_BUDGET_ITERS  # over budget already
-    assert unit_iterations(ReconstructOptions(enabled=True, iters=50), 99.0, 1, 1.0) == 50  # no budget
+def test_budget_plans_steps_first_then_images_and_counts_the_passes():
+    from bvvit.quant.reconstruct import MIN_BUDGET_IMAGES, MIN_BUDGET_ITERS, UnitCosts, plan_unit
+    options = ReconstructOptions(enabled=True, iters=100, time_budget=100.0)
+    free = UnitCosts(step_s=0.05, pass_s_per_image=0.0)
+    assert plan_unit(ReconstructOptions(enabled=True, iters=50), 99.0, 1, 512, free) == (50, 512, True)  # no budget
+    assert plan_unit(options, 0.0, 5, 512, None) == (100, 512, True)  # nothing measured
+    assert plan_unit(options, 0.0, 5, 512, free) == (100, 512, True)  # 20 s each: everything fits
+    assert plan_unit(options, 96.0, 4, 512, free) == (20, 512, True)  # 1 s each: 20 steps
+    # passes over the images count: 1024 images at 10 ms plus 0.1 s per step
+    costs = UnitCosts(step_s=0.1, pass_s_per_image=0.01)
+    assert plan_unit(options, 80.0, 1, 1024, costs) == (97, 1024, True)  # 9.7 + 10.24 <= 20
+    # 4 s: 10 steps draw 320 images (1 + 3.2 > 4), so 10 steps on the 300 images that fit
+    assert plan_unit(options, 96.0, 1, 1024, costs) == (MIN_BUDGET_ITERS, 300, True)  # 1 + 3.0 <= 4
+    steps, images, fits = plan_unit(options, 98.0, 1, 1024, costs)  # 2 s: 10 steps on 100 images
+    assert (steps, images, fits) == (MIN_BUDGET_ITERS, 100, True)
+    assert plan_unit(options, 99.5, 1, 1024, costs) == (MIN_BUDGET_ITERS, MIN_BUDGET_IMAGES, False)
+    assert plan_unit(options, 99.5, 1, 40, costs) == (MIN_BUDGET_ITERS, 40, False)  # never more than given
+
+
+def test_a_planned_unit_never_costs_more_than_its_share():
+    import random
+
+    from bvvit.quant.reconstruct import UnitCosts, plan_unit
+    rng = random.Random(0)
+    for _ in range(2000):
+        options = ReconstructOptions(enabled=True, iters=rng.randint(1, 400), time_budget=rng.uniform(1, 1e4),
+                                     batch_size=rng.choice([8, 32]))
+        costs = UnitCosts(rng.uniform(1e-3, 5.0), rng.uniform(1e-4, 1.0))
+        spent, left, n = rng.uniform(0, options.time_budget), rng.randint(1, 14), rng.randint(1, 4096)
+        steps, images, fits = plan_unit(options, spent, left, n, costs)
+        share = (options.time_budget - spent) / left
+        assert 1 <= images <= n and steps <= max(options.iters, 10)
+        assert fits == (steps * costs.step_s + images * costs.pass_s_per_image <= share)
+        if fits and steps < options.iters:  # one more step would not fit
+            more = min(n, max(64, (steps + 1) * options.batch_size))
+            assert (steps + 1) * costs.step_s + more * costs.pass_s_per_image > share
 
 
 def test_time_budget_is_validated():
@@ -173,12 +201,30 @@ def test_time_budget_is_validated():
     assert ReconstructOptions().iters == 100 and ReconstructOptions().time_budget is None
 
 
-def test_a_tiny_budget_cuts_the_steps_of_every_unit(model, calib):
-    from bvvit.quant.reconstruct import MIN_BUDGET_ITERS
+def test_a_tiny_budget_cuts_steps_and_images_and_says_so(model):
+    from bvvit.quant.reconstruct import MIN_BUDGET_IMAGES, MIN_BUDGET_ITERS
+    calib = noise_loader(160, batch_size=32)
     cfg = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 60, "time_budget": 1e-3})
     _, report = quantize_model(model, cfg, calib)
     stats = report.extras["reconstruct"]
-    assert stats["time_budget_s"] == 1e-3
+    assert stats["time_budget_s"] == 1e-3 and stats["images"] == 160
     assert set(stats["iters_run"].values()) == {MIN_BUDGET_ITERS}
+    assert set(stats["images_run"].values()) == {MIN_BUDGET_IMAGES}
+    assert "below what reconstruction needs" in stats["budget_note"]
+    assert any("--time-budget" in w for w in report.warnings)
     free = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 12})
-    assert set(quantize_model(model, free, calib)[1].extras["reconstruct"]["iters_run"].values()) == {12}
+    stats = quantize_model(model, free, calib)[1].extras["reconstruct"]
+    assert set(stats["iters_run"].values()) == {12} and set(stats["images_run"].values()) == {160}
+    assert "budget_note" not in stats
+
+
+def test_an_ample_budget_changes_nothing(model, calib):
+    """A budget that fits the whole recipe gives the same model as no budget."""
+    results = []
+    for budget in (None, 1e6):
+        reconstruct = {"iters": 12} if budget is None else {"iters": 12, "time_budget": budget}
+        qmodel, report = quantize_model(model, make_quant_config("vit-recon", 4, 4, reconstruct=reconstruct), calib)
+        results.append(_state(qmodel))
+        assert "budget_note" not in report.extras["reconstruct"]
+    for a, b in zip(results[0], results[1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
