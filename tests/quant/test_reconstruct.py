@@ -228,3 +228,13 @@ def test_an_ample_budget_changes_nothing(model, calib):
         assert "budget_note" not in report.extras["reconstruct"]
     for a, b in zip(results[0], results[1]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qdrop_runs_through_the_whole_model(model, calib):
+    """With QDrop the float inputs stay held for every unit (without it they are freed early)."""
+    cfg = make_quant_config("vit-recon", 4, 4, reconstruct={"iters": 8, "drop_prob": 0.5})
+    qmodel, report = quantize_model(model, cfg, calib)
+    units = report.extras["reconstruct"]["units"]
+    assert len(units) == len(model.blocks) + 2 and all(u["iters"] == 8 for u in units.values())
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(torch.cat([x for x, _ in calib]))).all()
