@@ -57,6 +57,7 @@ from bvvit.quant.quantize import SharedFloatStatistics
 from bvvit.quant.recipes import DEFAULT_RECIPE
 from bvvit.quant.storage import save_float_model
 from bvvit.report import write_report
+from bvvit.system import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ def _raise_failures(summary: dict[str, Any], job: PTQJob) -> dict[str, Any]:
 
 @contextmanager
 def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall seconds of the ``with`` body to ``timings[name]``."""
+    """Add the wall seconds of the ``with`` body to ``timings[name]``; then return the memory
+    the stage freed to the system, so the next stage's peak does not stack on it."""
     start = time.perf_counter()
     try:
         yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        release_freed_memory()
 
 
 def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
@@ -196,6 +199,7 @@ def _run(job: PTQJob, info: DistInfo, out: Path) -> dict[str, Any]:
                 variants.append(get_variant(out, name, cfg, cache_key, fp_model, fp_logits, loaded,
                                             calib_loader, val_loader, job, reuse=not info.enabled, shared=shared))
                 hold_within_budget(variants)  # 224-px models: reloaded from their files when needed
+                release_freed_memory()  # what the variant's calibration freed (ViT-B/16: ~2 GB)
     shared.clear()
     if skipped:
         log.warning(f"WARNING: nothing would be quantized (--override ...=float and the --no-* switches "

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from bvvit.quant.config import ReconstructOptions
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.primitives import PerGroup, QParams, from_groups, to_groups
+from bvvit.system import release_freed_memory
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 
@@ -359,6 +360,7 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
         if costs is not None and not stats[name].get("skipped"):
             costs.update(stats[name], float_pass_s, len(f_out))
         f_in = f_out
+        release_freed_memory()  # the unit's autograd buffers (else the RSS keeps them)
     result = {"units": stats, "time_s": time.perf_counter() - start, "images": images_given,
               "iters": options.iters, "drop_prob": options.drop_prob, "time_budget_s": options.time_budget,
               "iters_run": {name: unit.get("iters", 0) for name, unit in stats.items()},
