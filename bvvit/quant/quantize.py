@@ -37,6 +37,7 @@ from bvvit.quant.input_stats import input_statistics, linear_names
 from bvvit.quant.reparam import range_names, reparameterize_from_ranges
 from bvvit.quant.rotation import rotate_model
 from bvvit.quant.softmax_grid import choose_softmax_grids
+from bvvit.system import release_freed_memory
 
 
 @dataclass
@@ -322,8 +323,10 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
                               "pass a calibration loader (post_training.py uses --calib-size "
                               "training images)")
         report.calibration_images, timings["calibrate_s"] = calibrate(qmodel, calibration_loader, device, progress)
+        release_freed_memory()  # the observers' scratch (ViT-B/16, 64 images: 0.43 GB kept in RSS otherwise)
         if cfg.softmax.method == "auto":
             report.extras["softmax_grids"] = choose_softmax_grids(qmodel, calibration_loader, device=device)
+            release_freed_memory()
     if cfg.reconstruct.enabled:
         step = time.perf_counter()
         report.extras["reconstruct"] = reconstruct_model(work, qmodel, calibration_loader, cfg.reconstruct,
