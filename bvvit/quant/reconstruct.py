@@ -42,6 +42,7 @@ the next unit's input), which dominate at 224 px. ``time_budget`` plans both
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterable, Optional
 
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from bvvit.quant.cached_rows import CachedRows
 from bvvit.quant.config import ReconstructOptions
 from bvvit.quant.modules import QUANTIZE, ActQuantizer, QuantConv2d, QuantLinear
 from bvvit.quant.primitives import PerGroup, QParams, from_groups, to_groups
@@ -187,13 +189,43 @@ class _LearnedActQParams:
 # ------------------------------------------------------------------ the algorithm
 
 
+PASS_ELEMENTS = 2 ** 23  # a pass runs a unit on chunks of at most this many input values (ViT-B/16: 55 images)
+STEP_ELEMENTS = 2 ** 21  # an Adam step's forward+backward, on micro-batches of at most this many
+MAX_PASS_IMAGES = 256
+
+
+def _chunk_rows(row_numel: int, elements: int, most: int) -> int:
+    """Rows per chunk: as many as hold at most ``elements`` values, between 1 and ``most``."""
+    return max(1, min(most, elements // max(1, row_numel)))
+
+
 @torch.no_grad()
-def _run(unit: nn.Module, inputs: Tensor, chunk: int = 256) -> Tensor:
+def _run(unit: nn.Module, inputs: Tensor, chunk: int = MAX_PASS_IMAGES) -> Tensor:
     return torch.cat([unit(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
+
+
+@torch.no_grad()
+def _pass(unit: nn.Module, inputs: CachedRows, cache_bytes: float) -> CachedRows:
+    """``unit`` over every cached row (no gradients), its outputs cached in turn."""
+    chunk = _chunk_rows(math.prod(inputs.row_shape), PASS_ELEMENTS, MAX_PASS_IMAGES)
+    return inputs.map(unit, chunk, cache_bytes)
 
 
 def _relative_mse(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def _rows_relative_mse(out: CachedRows, target: CachedRows) -> float:
+    """:func:`_relative_mse` of two cached sets (summed chunk by chunk when on file)."""
+    if out.in_memory and target.in_memory:
+        return float(_relative_mse(out.tensor, target.tensor))
+    chunk = _chunk_rows(math.prod(out.row_shape), PASS_ELEMENTS, MAX_PASS_IMAGES)
+    error = energy = 0.0
+    for o, t in zip(out.chunks(chunk), target.chunks(chunk)):
+        error += float((o - t).double().pow(2).sum())
+        energy += float(t.double().pow(2).sum())
+    return error / max(energy, 1e-12 * out.row_bytes / 4 * len(out))
 
 
 @torch.no_grad()
@@ -214,28 +246,31 @@ def reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inp
     ``q_inputs`` / ``f_inputs`` are the quantized / float model's inputs to the unit;
     ``iters`` (default ``options.iters``) is the number of Adam steps.
     """
-    return _reconstruct_unit(qunit, funit, q_inputs, f_inputs, targets, options, generator, iters)[0]
+    rows = [CachedRows.from_tensor(t) for t in (q_inputs, f_inputs, targets)]
+    return _reconstruct_unit(qunit, funit, *rows, options, generator, iters)[0]
 
 
 @torch.inference_mode(False)
 @torch.enable_grad()
-def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_inputs: Optional[Tensor],
-                      targets: Tensor, options: ReconstructOptions, generator: torch.Generator,
-                      iters: Optional[int] = None) -> tuple[dict[str, Any], Tensor]:
-    """:func:`reconstruct_unit`, also returning the final unit's outputs on ``q_inputs`` (the
-    next unit's quantized inputs: the pass that measures the error after gives them) and,
-    in the statistics, the seconds of the Adam steps and of the passes over all images.
-    ``f_inputs`` may be None when ``options.drop_prob`` is 0 (only QDrop reads them)."""
+def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, f_inputs: Optional[CachedRows],
+                      targets: CachedRows, options: ReconstructOptions, generator: torch.Generator,
+                      iters: Optional[int] = None) -> tuple[dict[str, Any], CachedRows]:
+    """:func:`reconstruct_unit` on cached rows, also returning the final unit's outputs on
+    ``q_inputs`` (the next unit's quantized inputs: the pass that measures the error after
+    gives them) and, in the statistics, the seconds of the Adam steps and of the passes over
+    all images. ``f_inputs`` may be None when ``options.drop_prob`` is 0 (only QDrop reads
+    them)."""
     iters = options.iters if iters is None else iters
+    cache_bytes = options.cache_mb * 2 ** 20
     weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, options.init)
                for name, m in qunit.named_modules()
                if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_qparams is not None}
     acts = {name: m for name, m in qunit.named_modules()
             if isinstance(m, ActQuantizer) and m.state == QUANTIZE}
     if not weights and not acts:
-        return {"skipped": True}, _run(qunit, q_inputs)
+        return {"skipped": True, "images": len(q_inputs)}, _pass(qunit, q_inputs, cache_bytes)
     passes_start = time.perf_counter()
-    before = unit_error(qunit, q_inputs, targets)
+    before = _rows_relative_mse(_pass(qunit, q_inputs, cache_bytes), targets)
     passes_s = time.perf_counter() - passes_start
     originals = {name: q.qparams for name, q in acts.items()}
     learned = {name: _LearnedActQParams(q.qparams, options.learn_act) for name, q in acts.items()}
@@ -247,6 +282,7 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_in
     n_weights = max(1, sum(w.V.numel() for w in weights.values()))
     warmup = int(options.warmup * iters)
     n = len(q_inputs)
+    micro = _chunk_rows(math.prod(q_inputs.row_shape), STEP_ELEMENTS, options.batch_size)
     order = torch.randperm(n, generator=generator)
     cursor = 0
     steps_start = time.perf_counter()
@@ -259,19 +295,17 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_in
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx = order[cursor:cursor + options.batch_size]
             cursor += options.batch_size
-            x = q_inputs[idx]
+            x = q_inputs.rows(idx)
             if options.drop_prob > 0:
-                x = torch.where(_bernoulli(x, options.drop_prob, generator), f_inputs[idx], x)
-            soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
-            loss = _relative_mse(functional_call(qunit, soft, (x,)), targets[idx])
+                x = torch.where(_bernoulli(x, options.drop_prob, generator), f_inputs.rows(idx), x)
+            beta = None
             if weights and it >= warmup:
                 progress = (it - warmup) / max(1, iters - warmup)
                 beta = options.beta[1] + (options.beta[0] - options.beta[1]) * (1.0 - progress)
-                reg = sum(w.regulariser(beta) for w in weights.values()) / n_weights
-                loss = loss + options.reg_weight * reg
             optimizer.zero_grad(set_to_none=True)
-            leaves = [p for g in optimizer.param_groups for p in g["params"]]
-            for p, grad in zip(leaves, torch.autograd.grad(loss, leaves)):
+            grads = _step_gradients(qunit, weights, act_params, x, targets.rows(idx), micro,
+                                    beta, options.reg_weight, n_weights)
+            for p, grad in zip([w.V for w in weights.values()] + act_params, grads):
                 p.grad = grad
             optimizer.step()
     finally:
@@ -288,8 +322,8 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_in
     for name, quantizer in acts.items():
         quantizer.set_qparams(learned[name].final())
     passes_start = time.perf_counter()
-    outputs = _run(qunit, q_inputs)
-    after = float(_relative_mse(outputs, targets))
+    outputs = _pass(qunit, q_inputs, cache_bytes)
+    after = _rows_relative_mse(outputs, targets)
     passes_s += time.perf_counter() - passes_start
     reverted = after > before  # never hand back a unit worse than it came on its own data
     if reverted:
@@ -297,10 +331,48 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: Tensor, f_in
             _set_codes(w.module, start_codes[name])
         for name, quantizer in acts.items():
             quantizer.set_qparams(originals[name])
-        changed, after, outputs = 0, before, _run(qunit, q_inputs)
+        changed, after, outputs = 0, before, _pass(qunit, q_inputs, cache_bytes)
     return ({"error_before": before, "error_after": after, "codes_changed": changed,
              "soft_at_end": undecided, "weights": n_weights, "reverted": reverted, "iters": iters,
-             "images": n, "steps_s": steps_s, "passes_s": passes_s}, outputs)
+             "images": n, "micro_batch": micro, "steps_s": steps_s, "passes_s": passes_s}, outputs)
+
+
+def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], act_params: list[Tensor],
+                    x: Tensor, target: Tensor, micro: int, beta: Optional[float],
+                    reg_weight: float, n_weights: int) -> list[Tensor]:
+    """Gradients, for the AdaRound variables then the activation log-scales, of one step's
+    loss: the relative MSE of ``qunit`` on the batch ``x`` plus, when ``beta`` is given, the
+    rounding regulariser (mean over the ``n_weights`` variables) times ``reg_weight``.
+
+    A batch larger than ``micro`` images runs in micro-batches whose gradients add up (the
+    loss is a sum over images: each part's squared error over the whole batch's target
+    energy), so a step holds one micro-batch's activations for the backward (ViT-B/16,
+    32 images of 197 tokens: ~2.3 GB at once). The soft weights are computed once, their
+    gradient gathered over the micro-batches, then carried back to the AdaRound variables.
+    """
+    leaves = [w.V for w in weights.values()] + act_params
+    if len(x) <= micro:  # one batch, as BRECQ runs it
+        soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
+        loss = _relative_mse(functional_call(qunit, soft, (x,)), target)
+        if beta is not None:
+            loss = loss + reg_weight * (sum(w.regulariser(beta) for w in weights.values()) / n_weights)
+        return list(torch.autograd.grad(loss, leaves))
+    soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
+    soft_leaves = {key: value.detach().requires_grad_(True) for key, value in soft.items()}
+    inputs = list(soft_leaves.values()) + act_params
+    sums = [torch.zeros_like(t) for t in inputs]
+    scale = 1.0 / (target.numel() * target.pow(2).mean().clamp(min=1e-12))
+    for part in torch.tensor_split(torch.arange(len(x)), -(-len(x) // micro)):
+        error = (functional_call(qunit, soft_leaves, (x[part],)) - target[part]).pow(2).sum() * scale
+        for total, grad in zip(sums, torch.autograd.grad(error, inputs, allow_unused=True)):
+            if grad is not None:
+                total += grad
+    if not weights:
+        return sums
+    carried = sum((soft[key] * grad).sum() for key, grad in zip(soft, sums))
+    if beta is not None:
+        carried = carried + reg_weight * (sum(w.regulariser(beta) for w in weights.values()) / n_weights)
+    return list(torch.autograd.grad(carried, [w.V for w in weights.values()])) + sums[len(soft):]
 
 
 def _set_codes(module: nn.Module, codes: Tensor) -> None:
@@ -309,11 +381,11 @@ def _set_codes(module: nn.Module, codes: Tensor) -> None:
 
 
 @torch.no_grad()
-def _images(loader: Iterable, device: torch.device | str) -> Tensor:
-    batches = [images.to(device) for images, _ in loader]
-    if not batches:
-        raise ValueError("reconstruction needs calibration images; the loader yielded none")
-    return torch.cat(batches)
+def _images(loader: Iterable, device: torch.device | str, cache_bytes: float) -> CachedRows:
+    try:
+        return CachedRows.from_chunks((images.to(device) for images, _ in loader), cache_bytes)
+    except ValueError:
+        raise ValueError("reconstruction needs calibration images; the loader yielded none") from None
 
 
 @torch.inference_mode(False)
@@ -332,13 +404,14 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
     even the fewest steps on the fewest images could not fit."""
     start = time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    cache_bytes = options.cache_mb * 2 ** 20
     float_model.eval()
     qmodel.eval().to(device)
     f_units = dict(model_units(float_model, options.units))
     q_units = model_units(qmodel, options.units)
-    f_in = q_in = _images(loader, device)
+    f_in = q_in = _images(loader, device, cache_bytes)
     if options.units == "blocks":  # the first block's input: the embedding of either model
-        f_in, q_in = _run(_Embed(float_model), f_in), _run(_Embed(qmodel), q_in)
+        f_in, q_in = _pass(_Embed(float_model), f_in, cache_bytes), _pass(_Embed(qmodel), q_in, cache_bytes)
     images_given = len(f_in)
     stats: dict[str, Any] = {}
     costs = _probe_costs(f_units, q_units, q_in, options) if options.time_budget is not None else None
@@ -349,10 +422,10 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
         over_budget |= not fits
         if images < len(f_in):  # the budget leaves no time for passes over every image
             keep = torch.randperm(len(f_in), generator=torch.Generator().manual_seed(seed + index))[:images]
-            keep = keep.sort().values.to(f_in.device)
-            f_in, q_in = f_in[keep], q_in[keep]
+            keep = keep.sort().values
+            f_in, q_in = f_in.select(keep), q_in.select(keep)
         pass_start = time.perf_counter()
-        f_out = _run(f_units[name], f_in)
+        f_out = _pass(f_units[name], f_in, cache_bytes)
         float_pass_s = time.perf_counter() - pass_start
         if options.drop_prob == 0:  # only QDrop reads the float inputs again: free them now
             f_in = None  # (ViT-B/16, 1,024 images: 0.6 GB)
@@ -364,7 +437,7 @@ def reconstruct_model(float_model: nn.Module, qmodel: nn.Module, loader: Iterabl
     result = {"units": stats, "time_s": time.perf_counter() - start, "images": images_given,
               "iters": options.iters, "drop_prob": options.drop_prob, "time_budget_s": options.time_budget,
               "iters_run": {name: unit.get("iters", 0) for name, unit in stats.items()},
-              "images_run": {name: unit.get("images", len(f_in)) for name, unit in stats.items()}}
+              "images_run": {name: unit["images"] for name, unit in stats.items()}}
     if over_budget:
         result["budget_note"] = (
             f"--time-budget {options.time_budget:g} s is below what reconstruction needs at its floor "
@@ -428,18 +501,21 @@ def plan_unit(options: ReconstructOptions, spent_s: float, units_left: int, imag
 
 @torch.inference_mode(False)
 @torch.enable_grad()
-def _probe_costs(f_units: dict[str, nn.Module], q_units: list[tuple[str, nn.Module]], inputs: Tensor,
+def _probe_costs(f_units: dict[str, nn.Module], q_units: list[tuple[str, nn.Module]], inputs: CachedRows,
                  options: ReconstructOptions) -> UnitCosts:
     """First estimate of :class:`UnitCosts` from the first transformer block on one batch:
     a forward+backward (a step; the embedding unit is cheaper) and the forwards of its passes."""
     name, block = next(((n, u) for n, u in q_units if n.startswith("blocks.")), q_units[0])
-    x = inputs[:options.batch_size]
+    x = inputs.rows(torch.arange(min(options.batch_size, len(inputs))))
     if q_units[0][0] == "embed":
         with torch.no_grad():
             x = q_units[0][1](x)
-    x = x.detach().requires_grad_(True)
+    micro = _chunk_rows(math.prod(x.shape[1:]), STEP_ELEMENTS, options.batch_size)
+    params = [p for p in block.parameters() if p.requires_grad]
     start = time.perf_counter()
-    block(x).pow(2).mean().backward()
+    for part in torch.tensor_split(x, -(-len(x) // micro)):  # as a step: micro-batches
+        part = part.detach().requires_grad_(True)
+        torch.autograd.grad(block(part).pow(2).mean(), [part] + params)  # leaves no .grad behind
     step_s = time.perf_counter() - start
     start = time.perf_counter()
     _run(f_units[name], x.detach())

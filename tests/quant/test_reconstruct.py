@@ -238,3 +238,46 @@ def test_qdrop_runs_through_the_whole_model(model, calib):
     assert len(units) == len(model.blocks) + 2 and all(u["iters"] == 8 for u in units.values())
     with torch.no_grad():
         assert torch.isfinite(qmodel(torch.cat([x for x, _ in calib]))).all()
+
+
+def test_micro_batches_give_the_whole_batch_gradients(model, calib):
+    """A step split into micro-batches (what bounds a ViT-B/16 step's memory) computes the
+    gradients of the whole batch's loss, regulariser included."""
+    from bvvit.quant.reconstruct import (QUANTIZE, ActQuantizer, _AdaRoundWeight,
+                                         _LearnedActQParams, _step_gradients)
+    work, qmodel = _calibrated(model, calib, "mse", bits=3)
+    images = torch.cat([x for x, _ in calib])[:20]
+    with torch.no_grad():
+        x = dict(model_units(qmodel))["embed"](images)
+        target = work.blocks[0](dict(model_units(work))["embed"](images))
+    qunit, funit = qmodel.blocks[0], work.blocks[0]
+    weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, "codes")
+               for name, m in weight_modules(qunit)}
+    learned = {name: _LearnedActQParams(q.qparams, True) for name, q in qunit.named_modules()
+               if isinstance(q, ActQuantizer) and q.state == QUANTIZE}
+    for name, q in learned.items():
+        qunit.get_submodule(name).qparams = q
+    act_params = [a.log_scale for a in learned.values() if a.uniform]
+    assert weights and act_params
+    for beta in (None, 12.0):
+        whole = _step_gradients(qunit, weights, act_params, x, target, 20, beta, 10.0, 1000)
+        parts = _step_gradients(qunit, weights, act_params, x, target, 7, beta, 10.0, 1000)  # 7 + 7 + 6
+        assert len(whole) == len(parts) == len(weights) + len(act_params)
+        for a, b in zip(whole, parts):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())), float((a - b).abs().max())
+
+
+def test_activations_cached_on_file_give_the_same_reconstruction(model, calib):
+    """cache_mb=0 puts every cached set in a temporary file: the same codes and scales as in
+    memory (the rows read back bit for bit; only the error sums run in another order)."""
+    results, stats = [], []
+    for cache_mb in (128.0, 0.0):
+        work, qmodel = _calibrated(model, calib)
+        stats.append(reconstruct_model(work, qmodel, calib, ReconstructOptions(iters=ITERS // 2, cache_mb=cache_mb)))
+        results.append(_state(qmodel))
+    (codes_a, scales_a), (codes_b, scales_b) = results
+    assert all(torch.equal(codes_a[k], codes_b[k]) for k in codes_a)
+    assert all(torch.equal(scales_a[k], scales_b[k]) for k in scales_a)
+    for unit, a in stats[0]["units"].items():
+        b = stats[1]["units"][unit]
+        assert b["error_after"] == pytest.approx(a["error_after"], rel=1e-5) and b["images"] == a["images"] == 64
