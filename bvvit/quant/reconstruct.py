@@ -37,7 +37,10 @@ restored. Cost: ``units x iters`` forward+backward passes of one unit on ``batch
 images (demo model, 8 units x 300 steps: about 1.5 minutes on one CPU thread), plus three
 passes of each unit over all calibration images (float targets, error before, error after =
 the next unit's input), which dominate at 224 px. ``time_budget`` plans both
-(:func:`plan_unit`): ViT-S/16, 256 images, 300 s budget: 276 s.
+(:func:`plan_unit`): ViT-S/16, 256 images, 300 s budget: 276 s. Memory: the cached sets
+(inputs, targets, outputs) go to a temporary file beyond ``cache_mb``
+(:class:`~bvvit.quant.cached_rows.CachedRows`), and a step larger than
+:data:`STEP_ELEMENTS` input values runs in micro-batches (:func:`_step_gradients`).
 """
 
 from __future__ import annotations
@@ -216,16 +219,18 @@ def _relative_mse(out: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _rows_relative_mse(out: CachedRows, target: CachedRows) -> float:
-    """:func:`_relative_mse` of two cached sets (summed chunk by chunk when on file)."""
+def _rows_relative_mse(out: CachedRows, target: CachedRows, unit: Optional[nn.Module] = None) -> float:
+    """:func:`_relative_mse` of two cached sets, or of ``unit`` run on ``out`` against
+    ``target``; summed chunk by chunk (in float64) when a set is on file."""
     if out.in_memory and target.in_memory:
-        return float(_relative_mse(out.tensor, target.tensor))
+        return float(_relative_mse(out.tensor if unit is None else _run(unit, out.tensor), target.tensor))
     chunk = _chunk_rows(math.prod(out.row_shape), PASS_ELEMENTS, MAX_PASS_IMAGES)
     error = energy = 0.0
     for o, t in zip(out.chunks(chunk), target.chunks(chunk)):
+        o = o if unit is None else unit(o)
         error += float((o - t).double().pow(2).sum())
         energy += float(t.double().pow(2).sum())
-    return error / max(energy, 1e-12 * out.row_bytes / 4 * len(out))
+    return error / max(energy, 1e-12 * t[0].numel() * len(target))
 
 
 @torch.no_grad()
@@ -270,7 +275,7 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
     if not weights and not acts:
         return {"skipped": True, "images": len(q_inputs)}, _pass(qunit, q_inputs, cache_bytes)
     passes_start = time.perf_counter()
-    before = _rows_relative_mse(_pass(qunit, q_inputs, cache_bytes), targets)
+    before = _rows_relative_mse(q_inputs, targets, qunit)
     passes_s = time.perf_counter() - passes_start
     originals = {name: q.qparams for name, q in acts.items()}
     learned = {name: _LearnedActQParams(q.qparams, options.learn_act) for name, q in acts.items()}

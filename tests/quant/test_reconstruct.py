@@ -281,3 +281,4 @@ def test_activations_cached_on_file_give_the_same_reconstruction(model, calib):
     for unit, a in stats[0]["units"].items():
         b = stats[1]["units"][unit]
         assert b["error_after"] == pytest.approx(a["error_after"], rel=1e-5) and b["images"] == a["images"] == 64
+        assert b["error_before"] == pytest.approx(a["error_before"], rel=1e-5)
