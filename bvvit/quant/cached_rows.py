@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bvvit.errors import WriteError
+
 
 class CachedRows:
     """Rows of one shape (one per image), float32: a tensor on its device, or a temporary
@@ -58,12 +60,12 @@ class CachedRows:
                 held += chunk.numel() * 4
                 if held <= limit_bytes:
                     continue
-                file = tempfile.TemporaryFile(prefix="bvvit-reconstruct-")
+                file = _temporary_file()
                 pending, parts = parts, []
             else:
                 pending = [chunk]
             for part in pending:
-                offset = _write(file.fileno(), part, offset)
+                offset = _write(file, part, offset)
         if row_shape is None:
             raise ValueError("no rows to cache")
         if file is None:
@@ -111,13 +113,31 @@ class CachedRows:
         return CachedRows.from_chunks((fn(x) for x in self.chunks(chunk)), limit_bytes)
 
 
-def _write(fd: int, rows: Tensor, offset: int) -> int:
-    """Append ``rows`` at ``offset`` of the file ``fd``; the offset after them."""
+def _temporary_file() -> IO[bytes]:
+    try:
+        return tempfile.TemporaryFile(prefix="bvvit-reconstruct-")
+    except OSError as exc:
+        raise _cache_error(exc, 0) from None
+
+
+def _write(file: IO[bytes], rows: Tensor, offset: int) -> int:
+    """Write ``rows`` at ``offset`` of ``file``; the offset after them."""
     view = memoryview(np.ascontiguousarray(rows.detach().cpu().numpy())).cast("B")
-    while view:  # os.pwrite may write less than asked
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    try:
+        while view:  # os.pwrite may write less than asked
+            written = os.pwrite(file.fileno(), view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        file.close()
+        raise _cache_error(exc, offset) from None
     return offset
+
+
+def _cache_error(exc: OSError, written: int) -> WriteError:
+    return WriteError(f"reconstruction could not write its activation cache to {tempfile.gettempdir()} "
+                      f"({written / 2 ** 20:.0f} MB written): {exc.strerror}; point TMPDIR at a folder "
+                      "with room (ViT-B/16 at 1,024 calibration images needs ~2 GB there) or "
+                      "calibrate on fewer images (--calib-size)", exc.errno or 0)
 
 
 __all__ = ["CachedRows"]

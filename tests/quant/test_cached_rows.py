@@ -55,3 +55,15 @@ def test_bad_chunks_are_refused():
         CachedRows.from_chunks(iter([torch.zeros(2, 3), torch.zeros(2, 4)]), 0)
     with pytest.raises(TypeError, match="float32"):
         CachedRows.from_chunks(iter([torch.zeros(2, 3, dtype=torch.float64)]), 0)
+
+
+def test_a_full_disk_is_one_clear_error(monkeypatch):
+    import errno
+
+    from bvvit.errors import WriteError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(WriteError, match="No space left on device; point TMPDIR at a folder with room"):
+        CachedRows.from_chunks(iter([_data()]), limit_bytes=0)
