@@ -181,9 +181,7 @@ class ReconstructOptions:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not math.isfinite(budget) or budget <= 0):
             raise ConfigError(f"reconstruct time_budget must be a positive number of seconds, got {budget!r}")
-        cache = self.cache_mb
-        if isinstance(cache, bool) or not isinstance(cache, (int, float)) or not math.isfinite(cache) or cache < 0:
-            raise ConfigError(f"reconstruct cache_mb must be a number of MB >= 0, got {cache!r}")
+        _require_fraction("reconstruct cache_mb", self.cache_mb, 0.0, math.inf, high_included=False)
         _require_fraction("reconstruct drop_prob", self.drop_prob, 0.0, 1.0, high_included=False)
         _require_fraction("reconstruct warmup", self.warmup, 0.0, 1.0, high_included=False)
         if self.init not in ("codes", "floor") or self.units not in ("all", "blocks"):

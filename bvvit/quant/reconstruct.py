@@ -356,13 +356,12 @@ def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], act_p
     gradient gathered over the micro-batches, then carried back to the AdaRound variables.
     """
     leaves = [w.V for w in weights.values()] + act_params
+    soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
     if len(x) <= micro:  # one batch, as BRECQ runs it
-        soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
         loss = _relative_mse(functional_call(qunit, soft, (x,)), target)
         if beta is not None:
             loss = loss + reg_weight * (sum(w.regulariser(beta) for w in weights.values()) / n_weights)
         return list(torch.autograd.grad(loss, leaves))
-    soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
     soft_leaves = {key: value.detach().requires_grad_(True) for key, value in soft.items()}
     inputs = list(soft_leaves.values()) + act_params
     sums = [torch.zeros_like(t) for t in inputs]

@@ -199,6 +199,10 @@ def test_time_budget_is_validated():
         with pytest.raises(ConfigError, match="time_budget"):
             ReconstructOptions(enabled=True, time_budget=bad)
     assert ReconstructOptions().iters == 100 and ReconstructOptions().time_budget is None
+    for bad in (-1.0, float("nan"), float("inf"), True, "128"):
+        with pytest.raises(ConfigError, match="cache_mb"):
+            ReconstructOptions(enabled=True, cache_mb=bad)
+    assert ReconstructOptions(cache_mb=0).cache_mb == 0 and ReconstructOptions().cache_mb == 128
 
 
 def test_a_tiny_budget_cuts_steps_and_images_and_says_so(model):
