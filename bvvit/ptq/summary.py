@@ -35,7 +35,8 @@ NOTES = {
               "layers at OpenVINO's default float precision; openvino-bf16 / -f32: the FP32 file)",
     "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
                   "weights for quantized variants; the float32 state dict for fp32)",
-    "softmax_grid": "grid of the attention probabilities: uniform, log2 or log-sqrt2 (chosen per "
+    "softmax_grid": "grid of the attention probabilities: uniform, or log with base 2^(1/k) (log2, "
+                    "log-sqrt2, log-2^(1/4), ... up to k = 16; chosen per "
                     "block by calibration error under the vit recipes: 'mixed' lists the blocks' "
                     "choices; per-block errors in variants.*.softmax_grids)",
 }

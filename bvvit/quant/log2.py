@@ -90,8 +90,9 @@ def qparams_from_dict(data: dict[str, Any]) -> QParams | LogQParams:
 
 
 class Log2Observer(MSEObserver):
-    """Keeps a reservoir like the MSE observer; picks the scale (the maximum) and the
-    base (2 or sqrt 2) with the lower quantization error on it."""
+    """Keeps a reservoir like the MSE observer; the scale is the maximum, and of the bases
+    2^(1/k), k in :data:`STEPS_PER_OCTAVE`, it picks the one with the lowest quantization
+    error on the reservoir."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("symmetric", None)

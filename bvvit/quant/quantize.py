@@ -5,8 +5,8 @@
    per-layer overrides (weights are quantized here, from the weights alone);
 3. calibrate: run the calibration images through the model with every activation
    quantizer observing, then freeze the qparams (:func:`calibrate`);
-3a. with ``softmax.method = "auto"``, give each softmax quantizer the grid (uniform, log2,
-   log-sqrt2) with the lowest calibration error (:mod:`bvvit.quant.softmax_grid`);
+3a. with ``softmax.method = "auto"``, give each softmax quantizer the grid (uniform, or log
+   base 2^(1/k) with k = 1, 2, 4, 8, 16) with the lowest calibration error (:mod:`bvvit.quant.softmax_grid`);
 3b. optionally reconstruct block by block (``cfg.reconstruct``, :mod:`bvvit.quant.reconstruct`):
    learned rounding of the weight codes and learned activation step sizes;
 4. return the quantized model and a :class:`QuantReport` (coverage, warnings, timing).

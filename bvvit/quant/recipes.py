@@ -7,7 +7,7 @@ minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-m
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
-            (+ reconstruction at <= 4 bits,        softmax grid (uniform, log2, log-sqrt2)
+            (+ reconstruction at <= 4 bits,        softmax grid (uniform or log base 2^(1/k))
             300 steps at <= 3 bits)                chosen per block by calibration error
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction

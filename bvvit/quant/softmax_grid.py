@@ -4,15 +4,20 @@
 Which grid suits attention probabilities depends on the model and the width: at 17 tokens
 and 4 bits a log-sqrt2 grid beats log2, at 8 bits a uniform grid beats both, and at 197
 tokens (many small probabilities) the answer differs block by block. So after calibration
-every softmax quantizer tries the three grids on the calibration images and keeps the one
-with the lowest relative error of what the probabilities are used for::
+every softmax quantizer tries every grid on the calibration images and keeps the one with
+the lowest relative error of what the probabilities are used for::
 
     error(grid) = |Q_grid(P) v - P v|^2 / |P v|^2       summed over images, heads, tokens
 
 with ``P`` the softmax of the (quantized) scores and ``v`` the quantized values it
-multiplies. Candidates: ``uniform`` (the calibrated qparams), ``log2`` and ``log-sqrt2``
-(:class:`bvvit.quant.log2.LogQParams` with 1 or 2 steps per octave, scale = the largest
-observed probability). Cost: two forward passes over ``max_images`` images.
+multiplies. Candidates: ``uniform`` (the calibrated qparams) and the log grids with k = 1, 2,
+4, 8 and 16 levels per octave (``log2``, ``log-sqrt2``, ``log-2^(1/4)``, ...;
+:class:`bvvit.quant.log2.LogQParams`, scale = the largest observed probability). A finer
+log grid has a smaller relative rounding error but spans fewer octaves with the same
+2^bits - 1 levels, so which k wins depends on the bits and on how small the probabilities
+that matter get: at 6 and 8 bits and 197 tokens k = 4 and 16 cut the held-out logit error of
+the model by a third and by three quarters (docs/BENCHMARKS.md section 8). Cost: two forward
+passes over ``max_images`` images.
 """
 
 from __future__ import annotations
@@ -23,10 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from bvvit.quant.hooks import run_with_hooks
-from bvvit.quant.log2 import LogQParams
+from bvvit.quant.log2 import STEPS_PER_OCTAVE, LogQParams
 from bvvit.quant.modules import ActQuantizer, QuantSoftmax
 
-SOFTMAX_GRIDS = {"uniform": None, "log2": 1, "log-sqrt2": 2}  # name -> steps per octave (None: uniform)
+def log_grid_name(steps_per_octave: int) -> str:
+    """``log2``, ``log-sqrt2``, then ``log-2^(1/k)``: the grid's base, 2^(1/k)."""
+    return {1: "log2", 2: "log-sqrt2"}.get(steps_per_octave, f"log-2^(1/{steps_per_octave})")
+
+
+# name -> steps per octave (None: uniform)
+SOFTMAX_GRIDS: dict[str, int | None] = {"uniform": None, **{log_grid_name(k): k for k in STEPS_PER_OCTAVE}}
 CHOICE_IMAGES = 64  # calibration images the choice is measured on
 
 
@@ -116,5 +127,5 @@ def grid_summary(chosen: dict[str, dict[str, Any]]) -> str:
     return "mixed (" + ", ".join(f"{grid} x{n}" for grid, n in sorted(counts.items())) + ")"
 
 
-__all__ = ["SOFTMAX_GRIDS", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
+__all__ = ["SOFTMAX_GRIDS", "log_grid_name", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
            "grid_summary"]

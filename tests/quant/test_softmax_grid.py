@@ -35,7 +35,8 @@ def test_auto_picks_the_grid_with_the_lowest_attention_error(model, bits, factor
     chosen = report.extras["softmax_grids"]
     assert set(chosen) == {f"blocks.{i}.attn.softmax" for i in range(len(model.blocks))}
     for record in chosen.values():
-        assert set(record["errors"]) == {"uniform", "log2", "log-sqrt2"}
+        assert set(record["errors"]) == {"uniform", "log2", "log-sqrt2", "log-2^(1/4)", "log-2^(1/8)",
+                                         "log-2^(1/16)"}
         assert record["choice"] == min(record["errors"], key=record["errors"].get)
     assert expected in {record["choice"] for record in chosen.values()}
     for quantizer, record in zip(_softmax_quantizers(qmodel), chosen.values()):
@@ -44,6 +45,24 @@ def test_auto_picks_the_grid_with_the_lowest_attention_error(model, bits, factor
         assert quantizer.spec.method == ("log2" if uses_log else "uniform")  # the spec names the grid used
     methods = {row["method"] for row in report.layers if row["tensor"] == "softmax"}
     assert "auto" not in methods
+
+
+def test_finer_log_grids_win_where_many_probabilities_are_small():
+    """65 tokens, sharp attention, 6 bits: a log grid with 8 levels per octave has a lower
+    attn @ v error than uniform, log2 and log-sqrt2 in every block, and is the one used."""
+    import dataclasses
+
+    from bvvit.model import VisionTransformer
+    from tests.quant.tiny import QUANT_CFG
+    torch.manual_seed(0)
+    model = _sharpened(VisionTransformer(dataclasses.replace(QUANT_CFG, patch_size=2)).eval(), 8.0)
+    qmodel, report = quantize_model(model, make_quant_config("mse", 6, 6, softmax_method="auto"),
+                                    noise_loader(32, 16))
+    for quantizer, record in zip(_softmax_quantizers(qmodel), report.extras["softmax_grids"].values()):
+        errors = record["errors"]
+        assert record["choice"] == "log-2^(1/8)"
+        assert errors["log-2^(1/8)"] < 0.7 * min(errors["uniform"], errors["log2"], errors["log-sqrt2"])
+        assert isinstance(quantizer.qparams, LogQParams) and quantizer.qparams.steps_per_octave == 8
 
 
 def _errors_by_definition(qmodel, loader, max_images):
