@@ -12,7 +12,11 @@ spent in reconstruction; --json writes the table. --variants picks rows by name.
 Issue 17's rows (residual-stream rotation, the softmax grid chosen by calibration error,
 the image at 8 bits, 100 vs 300 reconstruction steps) start with ``17:``. ``--heldout N``
 evaluates on N images of the TRAINING split that no calibration set of the seed uses (the
-slice defaults are chosen on) instead of the test split.
+slice defaults are chosen on) instead of the test split. ``--softmax-candidates`` limits the
+grids the softmax choice may pick (``uniform,log2,log-sqrt2``: the choice before the finer log
+grids were added). ``--error-sources`` then measures where each row's error comes from: the
+logit KL with one group of activation quantizers switched off (kept float) at a time (each
+kind across all blocks, then each block's), and with every activation float (weights only).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +38,9 @@ from bvvit.data import (build_dataset, build_loader, build_transform, calibratio
 from bvvit.evaluate.classification import evaluate_classifier  # noqa: E402
 from bvvit.model_file import load_model_file  # noqa: E402
 from bvvit.quant import make_quant_config, quantize_model  # noqa: E402
+from bvvit.quant import softmax_grid  # noqa: E402
 from bvvit.quant.config import TensorQuantSpec  # noqa: E402
+from bvvit.quant.modules import OFF, act_quantizers  # noqa: E402
 from bvvit.quant.softmax_grid import grid_summary  # noqa: E402
 
 PAIRS = [(4, 4), (4, 8), (6, 6), (8, 8)]
@@ -85,8 +92,19 @@ def main() -> None:
     p.add_argument("--seeds", default="0",
                    help="comma-separated recipe seeds (the Hessian row sample, the reconstruction's "
                         "batches); each row runs once per seed")
+    p.add_argument("--softmax-candidates", default=None,
+                   help=f"comma-separated grids the softmax choice may pick (default all: "
+                        f"{', '.join(softmax_grid.SOFTMAX_GRIDS)})")
+    p.add_argument("--error-sources", action="store_true",
+                   help="after each row, the KL with each group of activation quantizers kept float")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.softmax_candidates:
+        keep = [g.strip() for g in args.softmax_candidates.split(",")]
+        if not keep or set(keep) - set(softmax_grid.SOFTMAX_GRIDS):
+            p.error(f"--softmax-candidates: choose from {', '.join(softmax_grid.SOFTMAX_GRIDS)}")
+        for grid in [g for g in softmax_grid.SOFTMAX_GRIDS if g not in keep]:
+            del softmax_grid.SOFTMAX_GRIDS[grid]  # this process only: the choice reads the dict
     wanted = VARIANTS if args.variants is None else [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
@@ -128,8 +146,36 @@ def main() -> None:
                 print(f"W{w}A{a:<4}{name:<28}{seed:>5}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
                       f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
                       f"{row['softmax_grid']}", flush=True)
+                if args.error_sources:
+                    row["error_sources"] = error_sources(qmodel, val, fp_logits)
     if args.json:
         Path(args.json).write_text(json.dumps({"fp32_top1": fp["top1"], "rows": rows}, indent=2))
+
+
+def error_sources(qmodel, loader, fp_logits) -> dict[str, dict[str, float]]:
+    """{group: {"kl", "agreement"}} with that group of activation quantizers kept float: each
+    kind across blocks (``blocks.*.mlp.fc2.input_quantizer``), each block's, then all."""
+    quantizers = act_quantizers(qmodel)
+    groups: dict[str, list] = {}
+    for name, quantizer in quantizers:
+        groups.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.*.", name), []).append(quantizer)
+    for name, quantizer in quantizers:
+        block = re.match(r"^blocks\.(\d+)\.", name)
+        if block:
+            groups.setdefault(f"block {block.group(1)}, every activation", []).append(quantizer)
+    groups["every activation (weights only)"] = [quantizer for _, quantizer in quantizers]
+    out = {}
+    for group, members in groups.items():
+        states = [q.state for q in members]
+        for q in members:
+            q.state = OFF
+        metrics, _ = evaluate_classifier(qmodel, loader, reference_logits=fp_logits)
+        for q, state in zip(members, states):
+            q.state = state
+        out[group] = {"kl": metrics["kl_div"], "agreement": metrics["agreement"]}
+        print(f"      kept float: {group:<48} KL {metrics['kl_div']:.5f}  agree {metrics['agreement']:.2f}",
+              flush=True)
+    return out
 
 
 def heldout_training_images(source, pre, n: int, seed: int = 12345):
