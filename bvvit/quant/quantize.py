@@ -309,7 +309,7 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
     The report's ``timings`` holds the seconds of each step (``float_model_s``: rotation and
     LayerNorm reparameterization, with GPTQ also the pass that gives its Hessians,
     ``convert_s``: weight observers, ``gptq_hessians_s`` (~0 when the float pass gave them),
-    ``gptq_s``, ``calibrate_s``, ``reconstruct_s``) and whether the float statistics were
+    ``gptq_s``, ``calibrate_s``, ``softmax_grid_s``, ``reconstruct_s``) and whether the float statistics were
     reused (``*_reused``).
     """
     start = time.perf_counter()
@@ -325,7 +325,9 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
         report.calibration_images, timings["calibrate_s"] = calibrate(qmodel, calibration_loader, device, progress)
         release_freed_memory()  # the observers' scratch (ViT-B/16, 64 images: 0.43 GB kept in RSS otherwise)
         if cfg.softmax.method == "auto":
+            step = time.perf_counter()
             report.extras["softmax_grids"] = choose_softmax_grids(qmodel, calibration_loader, device=device)
+            timings["softmax_grid_s"] = time.perf_counter() - step
             release_freed_memory()
     if cfg.reconstruct.enabled:
         step = time.perf_counter()
