@@ -47,22 +47,44 @@ def test_auto_picks_the_grid_with_the_lowest_attention_error(model, bits, factor
     assert "auto" not in methods
 
 
-def test_finer_log_grids_win_where_many_probabilities_are_small():
-    """65 tokens, sharp attention, 6 bits: a log grid with 8 levels per octave has a lower
-    attn @ v error than uniform, log2 and log-sqrt2 in every block, and is the one used."""
+def _sharp_65_tokens():
+    """The tiny model at patch 2 (64 patches + class token), attention sharpened 8x."""
     import dataclasses
 
     from bvvit.model import VisionTransformer
     from tests.quant.tiny import QUANT_CFG
     torch.manual_seed(0)
-    model = _sharpened(VisionTransformer(dataclasses.replace(QUANT_CFG, patch_size=2)).eval(), 8.0)
-    qmodel, report = quantize_model(model, make_quant_config("mse", 6, 6, softmax_method="auto"),
+    return _sharpened(VisionTransformer(dataclasses.replace(QUANT_CFG, patch_size=2)).eval(), 8.0)
+
+
+def test_finer_log_grids_win_where_many_probabilities_are_small():
+    """65 tokens, sharp attention, 6 bits: a log grid with 8 levels per octave has a lower
+    attn @ v error than uniform, log2 and log-sqrt2 in every block, and is the one used."""
+    qmodel, report = quantize_model(_sharp_65_tokens(), make_quant_config("mse", 6, 6, softmax_method="auto"),
                                     noise_loader(32, 16))
     for quantizer, record in zip(_softmax_quantizers(qmodel), report.extras["softmax_grids"].values()):
         errors = record["errors"]
         assert record["choice"] == "log-2^(1/8)"
         assert errors["log-2^(1/8)"] < 0.7 * min(errors["uniform"], errors["log2"], errors["log-sqrt2"])
         assert isinstance(quantizer.qparams, LogQParams) and quantizer.qparams.steps_per_octave == 8
+
+
+def test_vit_keeps_the_softmax_uniform_from_8_bits_so_w8a8_exports():
+    """Where the choice would pick a log grid at 8 bits (which no integer runtime runs, so
+    the ONNX int8 export refuses it), the vit recipe's W8A8 keeps every softmax uniform and
+    the model exports; below 8 bits it still chooses."""
+    from bvvit.quant.export import unsupported_for_int8
+    model, loader = _sharp_65_tokens(), noise_loader(32, 16)
+    chosen, _ = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="auto"), loader)
+    assert any(isinstance(q.qparams, LogQParams) for q in _softmax_quantizers(chosen))
+    assert any("softmax" in problem for problem in unsupported_for_int8(chosen))
+    qmodel, report = quantize_model(model, make_quant_config("vit", 8, 8, reconstruct={"enabled": False}), loader)
+    assert "softmax_grids" not in report.extras
+    assert all(q.spec.method == "uniform" and not isinstance(q.qparams, LogQParams)
+               for q in _softmax_quantizers(qmodel))
+    assert unsupported_for_int8(qmodel) == []
+    _, low = quantize_model(model, make_quant_config("vit", 6, 6), loader)
+    assert set(low.extras["softmax_grids"]) == {"blocks.0.attn.softmax", "blocks.1.attn.softmax"}
 
 
 def _errors_by_definition(qmodel, loader, max_images):
