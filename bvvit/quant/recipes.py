@@ -9,7 +9,7 @@ mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE c
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
             (+ reconstruction at <= 4 bits,        softmax grid (uniform or log base 2^(1/k))
             300 steps at <= 3 bits)                chosen per block by calibration error
-                                                   below 8 bits (uniform from 8: exportable)
+                                                   (from 8 bits: the uniform grid's range)
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction
             (AdaRound/BRECQ)
@@ -55,7 +55,6 @@ def _mse(w_bits: int, a_bits: int) -> dict[str, Any]:
 
 
 IMAGE_BITS = 8  # vit quantizes the image (uint8 data: exact at 8 bits) at max(a_bits, 8)
-UNIFORM_SOFTMAX_BITS = 8  # from this many activation bits vit keeps the softmax uniform (what runtimes run)
 LOW_BITS = 4  # vit reconstructs block by block when weights or activations have <= this many bits
 LONG_RECONSTRUCTION_BITS = 3  # ... with 300 steps per unit instead of 100 at <= this many bits
 LONG_RECONSTRUCTION_ITERS = 300
@@ -71,14 +70,10 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     8; the choice by attn @ v error matched the held-out logit error at W3A3, W4A4 and W8A8.
     The image itself (the patch embedding's input) is quantized at ``max(a_bits, 8)`` bits:
     it is 8-bit data, so 8 bits lose nothing there, while 3-4 bits there cost a quarter of the
-    W3A3 logit error (held-out training images, BENCHMARKS.md).
-
-    From 8 activation bits the softmax grid is not chosen: it stays uniform. 8 bits is the
-    width the integer runtimes run, and their attention (ONNX Runtime's int8 ``attn @ v``)
-    takes uniform uint8 probabilities, so the simulated W8A8 model is the one that is
-    exported. A log grid there cannot be exported, and above 8 bits no runtime runs it."""
-    method = "auto" if a_bits < UNIFORM_SOFTMAX_BITS else "uniform"
-    softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method=method)
+    W3A3 logit error (held-out training images, BENCHMARKS.md). From 8 bits the choice is
+    among uniform grids only (their range), what integer runtimes run, so the simulated W8A8
+    model is the one that is exported."""
+    softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="auto")
     return {**_mse(w_bits, a_bits), "softmax": softmax, "image_bits": max(a_bits, IMAGE_BITS),
             "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
             "reconstruct": _reconstruction(min(w_bits, a_bits))}

@@ -2,10 +2,10 @@
 (``softmax.method = "auto"``, the ``vit`` recipe's default).
 
 Which grid suits attention probabilities depends on the model and the width: at 17 tokens
-and 4 bits a log-sqrt2 grid beats log2, at 8 bits a uniform grid beats both, and at 197
-tokens (many small probabilities) the answer differs block by block. So after calibration
-every softmax quantizer tries every grid on the calibration images and keeps the one with
-the lowest relative error of what the probabilities are used for::
+and 4 bits a log-sqrt2 grid beats log2, and at 197 tokens (many small probabilities) the
+answer differs block by block. So after calibration every softmax quantizer tries every
+candidate grid on the calibration images and keeps the one with the lowest relative error
+of what the probabilities are used for::
 
     error(grid) = |Q_grid(P) v - P v|^2 / |P v|^2       summed over images, heads, tokens
 
@@ -15,13 +15,20 @@ multiplies. Candidates: ``uniform`` (the calibrated qparams) and the log grids w
 :class:`bvvit.quant.log2.LogQParams`, scale = the largest observed probability). A finer
 log grid has a smaller relative rounding error but spans fewer octaves with the same
 2^bits - 1 levels, so which k wins depends on the bits and on how small the probabilities
-that matter get: at 6 and 8 bits and 197 tokens k = 4 and 16 cut the held-out logit error of
-the model by a third and by three quarters (docs/BENCHMARKS.md section 8). Cost: two forward
-passes over ``max_images`` images.
+that matter get: at 6 bits and 197 tokens k = 4 cut the held-out logit error of the model
+by a third (docs/BENCHMARKS.md section 8).
+
+From 8 bits the candidates are uniform grids only: 8 bits is what the integer runtimes run,
+and their attention (ONNX Runtime's int8 ``attn @ v``) takes uniform uint8 probabilities, so
+a log grid there could not be exported. What is chosen instead is the uniform grid's range:
+the calibrated (MSE) scale times 2^(-j/4), j = -2 .. 12. At 197 tokens the calibrated range
+is too wide where attention is peaked (held-out W8A8 logit KL 0.00050 -> 0.00028). Cost: two
+forward passes over ``max_images`` images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import torch
@@ -39,6 +46,24 @@ def log_grid_name(steps_per_octave: int) -> str:
 # name -> steps per octave (None: uniform)
 SOFTMAX_GRIDS: dict[str, int | None] = {"uniform": None, **{log_grid_name(k): k for k in STEPS_PER_OCTAVE}}
 CHOICE_IMAGES = 64  # calibration images the choice is measured on
+UNIFORM_ONLY_BITS = 8  # from this many bits only uniform grids: what integer runtimes run (and export)
+UNIFORM_RANGES = tuple(range(-2, 13))  # ... of scale 2^(-j/4) x the calibrated one (j = 0: it)
+
+
+def _uniform_key(j: int) -> str:
+    return "uniform" if j == 0 else f"uniform@{j}"
+
+
+def candidate_qparams(quantizer: ActQuantizer, p_max: float) -> dict[str, Any]:
+    """{candidate: qparams} for one softmax quantizer. Below :data:`UNIFORM_ONLY_BITS` bits:
+    every grid of :data:`SOFTMAX_GRIDS` (uniform with its calibrated range). From it: uniform
+    grids only, with the calibrated scale times 2^(-j/4) for j in :data:`UNIFORM_RANGES`
+    (``uniform@j``; the zero point kept), since no integer runtime runs a log grid."""
+    if quantizer.bits < UNIFORM_ONLY_BITS:
+        return {grid: grid_qparams(quantizer, grid, p_max) for grid in SOFTMAX_GRIDS}
+    qp = quantizer.qparams
+    return {_uniform_key(j): qp if j == 0 else dataclasses.replace(qp, scale=qp.scale * 2.0 ** (-j / 4))
+            for j in UNIFORM_RANGES}
 
 
 def _softmax_pairs(qmodel: nn.Module) -> list[tuple[str, QuantSoftmax, str]]:
@@ -77,8 +102,10 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
                          device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
     """Give every calibrated attention-softmax quantizer of ``qmodel`` the grid with the
     lowest relative ``attn @ v`` error on ``loader``'s first ``max_images`` images (in place;
-    the quantizer's spec then names the method it uses). Returns {softmax module name:
-    {"choice": grid, "errors": {grid: relative error}}}.
+    the quantizer's spec then names the method it uses). The candidates are those of
+    :func:`candidate_qparams`. Returns {softmax module name: {"choice": the grid (``uniform``,
+    ``log2``, ...), "candidate": the candidate kept (``uniform@3`` from 8 bits), "errors":
+    {candidate: relative error}}}, with "scale_factor" (of the calibrated scale) for a uniform one.
 
     Two passes over those images: the first finds each softmax's largest probability (the
     log grids' top level), the second sums every grid's error block by block as the images
@@ -86,9 +113,8 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
     per block instead of 1.4 GB for all twelve)."""
     pairs = _softmax_pairs(qmodel)
     p_max = probability_maxima(qmodel, loader, max_images, device)
-    candidates = {name: {grid: grid_qparams(module.output_quantizer, grid, p_max[name]) for grid in SOFTMAX_GRIDS}
-                  for name, module, _ in pairs}
-    errors = {name: dict.fromkeys(SOFTMAX_GRIDS, 0.0) for name, _, _ in pairs}
+    candidates = {name: candidate_qparams(module.output_quantizer, p_max[name]) for name, module, _ in pairs}
+    errors = {name: dict.fromkeys(candidates[name], 0.0) for name, _, _ in pairs}
     reference = dict.fromkeys(errors, 0.0)
     softmax_of = {matmul: name for name, _, matmul in pairs}
     modules = {name: qmodel.get_submodule(name) for pair in pairs for name in (pair[0], pair[2])}
@@ -113,7 +139,10 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
         relative = {grid: error / max(reference[name], 1e-30) for grid, error in errors[name].items()}
         best = min(relative, key=relative.__getitem__)
         module.output_quantizer.set_qparams(candidates[name][best])
-        chosen[name] = {"choice": best, "errors": relative}
+        chosen[name] = {"choice": best.split("@")[0], "candidate": best, "errors": relative}
+        if best.startswith("uniform"):
+            j = int(best.split("@")[1]) if "@" in best else 0
+            chosen[name]["scale_factor"] = 2.0 ** (-j / 4)
     return chosen
 
 
@@ -127,5 +156,5 @@ def grid_summary(chosen: dict[str, dict[str, Any]]) -> str:
     return "mixed (" + ", ".join(f"{grid} x{n}" for grid, n in sorted(counts.items())) + ")"
 
 
-__all__ = ["SOFTMAX_GRIDS", "log_grid_name", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
+__all__ = ["SOFTMAX_GRIDS", "log_grid_name", "UNIFORM_ONLY_BITS", "UNIFORM_RANGES", "candidate_qparams", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
            "grid_summary"]

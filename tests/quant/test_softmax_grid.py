@@ -35,9 +35,13 @@ def test_auto_picks_the_grid_with_the_lowest_attention_error(model, bits, factor
     chosen = report.extras["softmax_grids"]
     assert set(chosen) == {f"blocks.{i}.attn.softmax" for i in range(len(model.blocks))}
     for record in chosen.values():
-        assert set(record["errors"]) == {"uniform", "log2", "log-sqrt2", "log-2^(1/4)", "log-2^(1/8)",
-                                         "log-2^(1/16)"}
-        assert record["choice"] == min(record["errors"], key=record["errors"].get)
+        if bits < 8:
+            assert set(record["errors"]) == {"uniform", "log2", "log-sqrt2", "log-2^(1/4)", "log-2^(1/8)",
+                                             "log-2^(1/16)"}
+        else:  # uniform grids only, of 15 ranges
+            assert set(record["errors"]) == {"uniform"} | {f"uniform@{j}" for j in range(-2, 13) if j}
+        assert record["candidate"] == min(record["errors"], key=record["errors"].get)
+        assert record["choice"] == record["candidate"].split("@")[0]
     assert expected in {record["choice"] for record in chosen.values()}
     for quantizer, record in zip(_softmax_quantizers(qmodel), chosen.values()):
         uses_log = isinstance(quantizer.qparams, LogQParams)
@@ -69,22 +73,44 @@ def test_finer_log_grids_win_where_many_probabilities_are_small():
         assert isinstance(quantizer.qparams, LogQParams) and quantizer.qparams.steps_per_octave == 8
 
 
-def test_vit_keeps_the_softmax_uniform_from_8_bits_so_w8a8_exports():
-    """Where the choice would pick a log grid at 8 bits (which no integer runtime runs, so
-    the ONNX int8 export refuses it), the vit recipe's W8A8 keeps every softmax uniform and
-    the model exports; below 8 bits it still chooses."""
+def test_from_8_bits_the_choice_is_a_uniform_range_so_w8a8_exports():
+    """From 8 bits the candidates are uniform grids (no integer runtime runs a log grid, and
+    the ONNX int8 export refuses one): where a log grid would have the lower error (a log
+    grid at 8 bits, used alone, cannot be exported), the choice keeps a uniform grid whose scale is
+    the calibrated one times the chosen factor, with the lowest error of its 15 ranges, and
+    the W8A8 model exports."""
     from bvvit.quant.export import unsupported_for_int8
     model, loader = _sharp_65_tokens(), noise_loader(32, 16)
-    chosen, _ = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="auto"), loader)
-    assert any(isinstance(q.qparams, LogQParams) for q in _softmax_quantizers(chosen))
-    assert any("softmax" in problem for problem in unsupported_for_int8(chosen))
-    qmodel, report = quantize_model(model, make_quant_config("vit", 8, 8, reconstruct={"enabled": False}), loader)
-    assert "softmax_grids" not in report.extras
-    assert all(q.spec.method == "uniform" and not isinstance(q.qparams, LogQParams)
-               for q in _softmax_quantizers(qmodel))
+    log_model, _ = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="log2"), loader)
+    assert any("softmax" in problem for problem in unsupported_for_int8(log_model))
+    calibrated, _ = quantize_model(model, make_quant_config("vit", 8, 8, softmax_method="uniform"), loader)
+    qmodel, report = quantize_model(model, make_quant_config("vit", 8, 8), loader)
+    records = report.extras["softmax_grids"]
+    for q, plain, record in zip(_softmax_quantizers(qmodel), _softmax_quantizers(calibrated), records.values()):
+        assert record["choice"] == "uniform" and q.spec.method == "uniform"
+        assert not isinstance(q.qparams, LogQParams)
+        assert record["errors"][record["candidate"]] <= record["errors"]["uniform"]
+        assert torch.allclose(q.qparams.scale, plain.qparams.scale * record["scale_factor"])
+        assert torch.equal(q.qparams.zero_point, plain.qparams.zero_point)
     assert unsupported_for_int8(qmodel) == []
-    _, low = quantize_model(model, make_quant_config("vit", 6, 6), loader)
-    assert set(low.extras["softmax_grids"]) == {"blocks.0.attn.softmax", "blocks.1.attn.softmax"}
+
+
+def test_from_8_bits_a_too_wide_uniform_range_is_narrowed():
+    """A softmax whose calibrated range is 4x too wide (at 8 bits) gets back a scale about a
+    quarter of it (the range search spans 2^(-12/4) .. 2^(2/4)), with a lower error."""
+    import dataclasses
+
+    from bvvit.quant.softmax_grid import choose_softmax_grids
+    loader = noise_loader(32, 16)
+    qmodel, _ = quantize_model(_sharp_65_tokens(), make_quant_config("mse", 8, 8), loader)  # uniform, calibrated
+    calibrated = [q.qparams.scale.clone() for q in _softmax_quantizers(qmodel)]
+    for q in _softmax_quantizers(qmodel):
+        q.set_qparams(dataclasses.replace(q.qparams, scale=q.qparams.scale * 4))
+    records = choose_softmax_grids(qmodel, loader)
+    for q, scale, record in zip(_softmax_quantizers(qmodel), calibrated, records.values()):
+        assert record["choice"] == "uniform" and 2 ** -2.5 <= record["scale_factor"] <= 2 ** -1.5
+        assert record["errors"][record["candidate"]] < 0.5 * record["errors"]["uniform"]
+        assert torch.allclose(q.qparams.scale, scale * 4 * record["scale_factor"])
 
 
 def _errors_by_definition(qmodel, loader, max_images):
