@@ -122,7 +122,7 @@ def main() -> None:
     print(f"FP32 top-1 {fp['top1']:.2f}% on {fp['num_images']} {'held-out training' if args.heldout else 'test'} "
           f"images; calibration {args.calib_size} "
           f"training images; threads {torch.get_num_threads()}")
-    print(f"{'W/A':<6}{'variant':<28}{'seed':>5}{'top-1':>8}{'drop':>8}{'agree':>8}{'KL':>8}{'calib s':>9}"
+    print(f"{'W/A':<6}{'variant':<28}{'seed':>5}{'top-1':>8}{'drop':>8}{'agree':>8}{'KL':>9}{'calib s':>9}"
           f"{'recon s':>9}  grid")
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -144,7 +144,7 @@ def main() -> None:
                        "reconstruction_s": report.extras.get("reconstruct", {}).get("time_s", 0.0)}
                 rows.append(row)
                 print(f"W{w}A{a:<4}{name:<28}{seed:>5}{row['top1']:>8.2f}{row['drop']:>+8.2f}{row['agreement']:>8.2f}"
-                      f"{row['kl']:>8.4f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
+                      f"{row['kl']:>9.5f}{row['calibration_s']:>9.1f}{row['reconstruction_s']:>9.1f}  "
                       f"{row['softmax_grid']}", flush=True)
                 if args.error_sources:
                     row["error_sources"] = error_sources(qmodel, val, fp_logits)
