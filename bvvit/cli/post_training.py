@@ -165,10 +165,10 @@ def build_parser() -> OneLineParser:
     g.add_argument("--no-softmax", action="store_true", help="keep attention probabilities float")
     g.add_argument("--residual", action="store_true", help="also quantize the residual additions")
     g.add_argument("--softmax-grid", choices=["auto", "uniform", "log2"], default=None,
-                   help="grid of the attention probabilities: auto (the vit recipes' default below "
-                        "8 activation bits: per block, uniform or a log grid of base 2^(1/k), k = 1, 2, "
-                        "4, 8, 16, whichever has the lowest attn @ v error on calibration images; from "
-                        "8 bits they keep uniform, which integer runtimes run), uniform, or log2 (the "
+                   help="grid of the attention probabilities: auto (the vit recipes' default: per "
+                        "block, whichever has the lowest attn @ v error on calibration images: below 8 "
+                        "bits uniform or a log grid of base 2^(1/k), k = 1, 2, 4, 8, 16; from 8 bits "
+                        "uniform grids of 15 ranges, which integer runtimes run), uniform, or log2 (the "
                         "base by MSE). A log grid at 8 bits cannot be exported to ONNX int8")
     g.add_argument("--softmax-log2", action="store_true", help="same as --softmax-grid log2")
     rec = g.add_mutually_exclusive_group()

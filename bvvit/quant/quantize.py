@@ -6,7 +6,8 @@
 3. calibrate: run the calibration images through the model with every activation
    quantizer observing, then freeze the qparams (:func:`calibrate`);
 3a. with ``softmax.method = "auto"``, give each softmax quantizer the grid (uniform, or log
-   base 2^(1/k) with k = 1, 2, 4, 8, 16) with the lowest calibration error (:mod:`bvvit.quant.softmax_grid`);
+   base 2^(1/k) with k = 1, 2, 4, 8, 16; from 8 bits a uniform range) with the lowest
+   calibration error (:mod:`bvvit.quant.softmax_grid`);
 3b. optionally reconstruct block by block (``cfg.reconstruct``, :mod:`bvvit.quant.reconstruct`):
    learned rounding of the weight codes and learned activation step sizes;
 4. return the quantized model and a :class:`QuantReport` (coverage, warnings, timing).
@@ -309,8 +310,8 @@ def quantize_model(model: VisionTransformer, cfg: QuantConfig, calibration_loade
     The report's ``timings`` holds the seconds of each step (``float_model_s``: rotation and
     LayerNorm reparameterization, with GPTQ also the pass that gives its Hessians,
     ``convert_s``: weight observers, ``gptq_hessians_s`` (~0 when the float pass gave them),
-    ``gptq_s``, ``calibrate_s``, ``softmax_grid_s``, ``reconstruct_s``) and whether the float statistics were
-    reused (``*_reused``).
+    ``gptq_s``, ``calibrate_s``, ``softmax_grid_s``, ``reconstruct_s``) and whether the float
+    statistics were reused (``*_reused``).
     """
     start = time.perf_counter()
     timings: dict[str, Any] = {}

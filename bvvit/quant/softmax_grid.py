@@ -156,5 +156,5 @@ def grid_summary(chosen: dict[str, dict[str, Any]]) -> str:
     return "mixed (" + ", ".join(f"{grid} x{n}" for grid, n in sorted(counts.items())) + ")"
 
 
-__all__ = ["SOFTMAX_GRIDS", "log_grid_name", "UNIFORM_ONLY_BITS", "UNIFORM_RANGES", "candidate_qparams", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
-           "grid_summary"]
+__all__ = ["SOFTMAX_GRIDS", "log_grid_name", "UNIFORM_ONLY_BITS", "UNIFORM_RANGES", "candidate_qparams",
+           "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids", "grid_summary"]
