@@ -74,11 +74,10 @@ def test_finer_log_grids_win_where_many_probabilities_are_small():
 
 
 def test_from_8_bits_the_choice_is_a_uniform_range_so_w8a8_exports():
-    """From 8 bits the candidates are uniform grids (no integer runtime runs a log grid, and
-    the ONNX int8 export refuses one): where a log grid would have the lower error (a log
-    grid at 8 bits, used alone, cannot be exported), the choice keeps a uniform grid whose scale is
-    the calibrated one times the chosen factor, with the lowest error of its 15 ranges, and
-    the W8A8 model exports."""
+    """A log softmax grid at 8 bits cannot be exported to ONNX int8 (shown with log2 forced).
+    From 8 bits the choice is among uniform grids only: it keeps the calibrated scale times
+    the recorded factor (the zero point unchanged), of the lowest error of its 15 ranges,
+    and the W8A8 model exports."""
     from bvvit.quant.export import unsupported_for_int8
     model, loader = _sharp_65_tokens(), noise_loader(32, 16)
     log_model, _ = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="log2"), loader)
