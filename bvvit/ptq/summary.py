@@ -36,10 +36,9 @@ NOTES = {
     "size_bytes": "bytes of the real .safetensors file under models/ (packed integer "
                   "weights for quantized variants; the float32 state dict for fp32)",
     "softmax_grid": "grid of the attention probabilities: uniform, or log with base 2^(1/k) (log2, "
-                    "log-sqrt2, log-2^(1/4), ... up to k = 16; chosen per "
-                    "block by calibration error under the vit recipes, from 8 bits among uniform "
-                    "ranges only: 'mixed' lists the blocks' "
-                    "choices; per-block errors in variants.*.softmax_grids)",
+                    "log-sqrt2, log-2^(1/4), ... up to k = 16; chosen per block by calibration "
+                    "error under the vit recipes, from 8 bits among uniform ranges only: 'mixed' "
+                    "lists the blocks' choices; per-block errors in variants.*.softmax_grids)",
 }
 
 
