@@ -167,12 +167,15 @@ class ReconstructOptions:
     beta: tuple[float, float] = (20.0, 2.0)  # annealed regulariser exponent (start, end)
     init: str = "codes"  # "codes": start from the current codes; "floor": AdaRound's w/s
     learn_act: bool = True  # LSQ step sizes of the activation quantizers
+    learn_weight_scale: bool = False  # learn the weight step sizes (per channel / group) too
+    weight_scale_lr: float = 1e-3  # Adam rate of log(weight scale)
     units: str = "all"  # "all" (patch embedding, blocks, head) or "blocks"
     cache_mb: float = 128.0  # a cached set of per-image activations above this goes to a temporary file
 
     def __post_init__(self) -> None:
         _require_bool("reconstruct enabled", self.enabled)
         _require_bool("reconstruct learn_act", self.learn_act)
+        _require_bool("reconstruct learn_weight_scale", self.learn_weight_scale)
         for name in ("iters", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -23,8 +23,10 @@ time, against the float model:
   ``w / scale`` shifted by the integer correction the starting codes (GPTQ's, or
   round-to-nearest) made, so the hard-rounded start reproduces those codes. A regulariser
   ``sum(1 - |2h - 1|^beta)`` pushes every ``h`` to 0 or 1, switched on after a warm-up and
-  with ``beta`` annealed from 20 to 2; at the end ``h`` is hard-rounded. Weight scales and
-  zero points stay fixed;
+  with ``beta`` annealed from 20 to 2; at the end ``h`` is hard-rounded. Zero points stay
+  fixed; so do the weight scales unless ``learn_weight_scale``: then each one is multiplied
+  by a learned factor (Adam on its log, rate ``weight_scale_lr``) and stored rounded to
+  bfloat16 (what files hold);
 * activations (LSQ, Esser et al., ICLR 2020): the step size of every uniform activation
   quantizer in the unit (linear inputs, q, k, v, softmax output, ...) is learned through a
   straight-through round, starting from the calibrated value; zero points stay fixed.
@@ -45,6 +47,7 @@ the next unit's input), which dominate at 224 px. ``time_budget`` plans both
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Iterable, Optional
@@ -112,7 +115,7 @@ def _bernoulli(x: Tensor, p: float, generator: Optional[torch.Generator]) -> Ten
 class _AdaRoundWeight:
     """Soft-rounded codes of one quantized weight: ``clamp(floor(v) + h(V) + zp, qmin, qmax)``."""
 
-    def __init__(self, module: nn.Module, float_weight: Tensor, init: str):
+    def __init__(self, module: nn.Module, float_weight: Tensor, init: str, learn_scale: bool = False):
         qp: QParams = module.weight_qparams
         self.module, self.qp = module, qp
         self.grouped = isinstance(qp.granularity, PerGroup)
@@ -129,12 +132,13 @@ class _AdaRoundWeight:
         rest = (v - self.base).clamp(1e-4, 1 - 1e-4)  # h(V) = rest (sigmoid^-1 of a point inside)
         self.V = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
         self.shape = module.weight.shape
+        self.log_scale = torch.zeros_like(self.scale).requires_grad_(learn_scale)  # learned factor
 
     def h(self) -> Tensor:
         return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def _weight(self, codes: Tensor) -> Tensor:
-        w = (codes - self.zp) * self.scale
+        w = (codes - self.zp) * (self.scale * torch.exp(self.log_scale))
         return (from_groups(w, self.qp.granularity) if self.grouped else w).reshape(self.shape)
 
     def soft_weight(self) -> Tensor:
@@ -142,6 +146,13 @@ class _AdaRoundWeight:
 
     def regulariser(self, beta: float) -> Tensor:
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
+
+    def final_qparams(self) -> QParams:
+        """The qparams with the learned step sizes (rounded to bfloat16, as files store them)."""
+        if not self.log_scale.requires_grad:
+            return self.qp
+        scale = (self.qp.scale * torch.exp(self.log_scale.detach())).to(torch.bfloat16).to(self.qp.scale.dtype)
+        return dataclasses.replace(self.qp, scale=scale)
 
     def hard_codes(self) -> Tensor:
         """Integer codes (int32, the module's code shape): ``h >= 0.5`` rounds up."""
@@ -267,7 +278,7 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
     them)."""
     iters = options.iters if iters is None else iters
     cache_bytes = options.cache_mb * 2 ** 20
-    weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, options.init)
+    weights = {name: _AdaRoundWeight(m, funit.get_submodule(name).weight, options.init, options.learn_weight_scale)
                for name, m in qunit.named_modules()
                if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_qparams is not None}
     acts = {name: m for name, m in qunit.named_modules()
@@ -279,7 +290,12 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
     passes_s = time.perf_counter() - passes_start
     originals = {name: q.qparams for name, q in acts.items()}
     learned = {name: _LearnedActQParams(q.qparams, options.learn_act) for name, q in acts.items()}
-    params = [{"params": [w.V for w in weights.values()], "lr": options.weight_lr}]
+    weight_leaves = [w.V for w in weights.values()]
+    params = [{"params": list(weight_leaves), "lr": options.weight_lr}]
+    if options.learn_weight_scale and weights:
+        scales = [w.log_scale for w in weights.values()]
+        weight_leaves += scales
+        params.append({"params": scales, "lr": options.weight_scale_lr})
     act_params = [a.log_scale for a in learned.values() if a.uniform]
     if act_params:
         params.append({"params": act_params, "lr": options.act_lr})
@@ -308,9 +324,9 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
                 progress = (it - warmup) / max(1, iters - warmup)
                 beta = options.beta[1] + (options.beta[0] - options.beta[1]) * (1.0 - progress)
             optimizer.zero_grad(set_to_none=True)
-            grads = _step_gradients(qunit, weights, act_params, x, targets.rows(idx), micro,
+            grads = _step_gradients(qunit, weights, weight_leaves, act_params, x, targets.rows(idx), micro,
                                     beta, options.reg_weight, n_weights)
-            for p, grad in zip([w.V for w in weights.values()] + act_params, grads):
+            for p, grad in zip(weight_leaves + act_params, grads):
                 p.grad = grad
             optimizer.step()
     finally:
@@ -323,7 +339,7 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
     for w in weights.values():
         codes = w.hard_codes()
         changed += int((codes != w.module.weight_codes.to(torch.int32)).sum())
-        _set_codes(w.module, codes)
+        _set_codes(w.module, codes, w.final_qparams())
     for name, quantizer in acts.items():
         quantizer.set_qparams(learned[name].final())
     passes_start = time.perf_counter()
@@ -333,7 +349,7 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
     reverted = after > before  # never hand back a unit worse than it came on its own data
     if reverted:
         for name, w in weights.items():
-            _set_codes(w.module, start_codes[name])
+            _set_codes(w.module, start_codes[name], w.qp)
         for name, quantizer in acts.items():
             quantizer.set_qparams(originals[name])
         changed, after, outputs = 0, before, _pass(qunit, q_inputs, cache_bytes)
@@ -342,8 +358,8 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
              "images": n, "micro_batch": micro, "steps_s": steps_s, "passes_s": passes_s}, outputs)
 
 
-def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], act_params: list[Tensor],
-                    x: Tensor, target: Tensor, micro: int, beta: Optional[float],
+def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], weight_leaves: list[Tensor],
+                    act_params: list[Tensor], x: Tensor, target: Tensor, micro: int, beta: Optional[float],
                     reg_weight: float, n_weights: int) -> list[Tensor]:
     """Gradients, for the AdaRound variables then the activation log-scales, of one step's
     loss: the relative MSE of ``qunit`` on the batch ``x`` plus, when ``beta`` is given, the
@@ -355,7 +371,7 @@ def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], act_p
     32 images of 197 tokens: ~2.3 GB at once). The soft weights are computed once, their
     gradient gathered over the micro-batches, then carried back to the AdaRound variables.
     """
-    leaves = [w.V for w in weights.values()] + act_params
+    leaves = weight_leaves + act_params
     soft = {f"{name}.weight": w.soft_weight() for name, w in weights.items()}
     if len(x) <= micro:  # one batch, as BRECQ runs it
         loss = _relative_mse(functional_call(qunit, soft, (x,)), target)
@@ -376,11 +392,12 @@ def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], act_p
     carried = sum((soft[key] * grad).sum() for key, grad in zip(soft, sums))
     if beta is not None:
         carried = carried + reg_weight * (sum(w.regulariser(beta) for w in weights.values()) / n_weights)
-    return list(torch.autograd.grad(carried, [w.V for w in weights.values()])) + sums[len(soft):]
+    return list(torch.autograd.grad(carried, weight_leaves)) + sums[len(soft):]
 
 
-def _set_codes(module: nn.Module, codes: Tensor) -> None:
+def _set_codes(module: nn.Module, codes: Tensor, qparams: QParams) -> None:
     module.weight_codes = codes.to(module.weight_codes.dtype)
+    module.weight_qparams = qparams
     module.refresh_weight()
 
 
