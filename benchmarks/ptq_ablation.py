@@ -59,21 +59,18 @@ def variants(w: int, a: int):
     yield "vit + log2", make_quant_config("vit", w, a, softmax_method="log2", reconstruct={"enabled": False})
     yield "vit-recon", make_quant_config("vit-recon", w, a)
     # issue 17: each technique alone on the vit recipe of before, then together (the default)
-    # (100 reconstruction steps in every "before" row: the recipe's count before it took 300 at <= 3 bits;
-    # fixed weight step sizes: the recipe learns them at <= 3 bits since session 10)
+    # (100 reconstruction steps in every "before" row: the recipe's count before it took 300 at <= 3 bits)
     before = {"softmax_method": "uniform", "image_bits": None}
-    steps = {"reconstruct": {"iters": 100, "learn_weight_scale": False}}
-    yield "17:vit before (recon 300)", make_quant_config("vit", w, a, **before,
-                                                         reconstruct={"iters": 300, "learn_weight_scale": False})
+    steps = {"reconstruct": {"iters": 100}}
+    yield "17:vit before (recon 300)", make_quant_config("vit", w, a, **before, reconstruct={"iters": 300})
     yield "17:vit before (recon 100)", make_quant_config("vit", w, a, **before, **steps)
     yield "17:+ softmax auto", make_quant_config("vit", w, a, image_bits=None, **steps)
     yield "17:+ image 8 bit", make_quant_config("vit", w, a, softmax_method="uniform", **steps)
     yield "17:+ rotation", make_quant_config("vit", w, a, **before, rotation={"enabled": True}, **steps)
     yield "17:mse + rotation", make_quant_config("mse", w, a, rotation={"enabled": True})
-    yield "17:vit default (recon 100)", make_quant_config("vit", w, a, reconstruct={"iters": 100})
-    yield "17:vit default (w scales fixed)", make_quant_config("vit", w, a,
-                                                               reconstruct={"learn_weight_scale": False})
+    yield "17:vit default (recon 100)", make_quant_config("vit", w, a, **steps)
     yield "17:vit default", make_quant_config("vit", w, a)
+    yield "17:vit default + w scales", make_quant_config("vit", w, a, reconstruct={"learn_weight_scale": True})
     yield "17:vit default + rotation", make_quant_config("vit", w, a, rotation={"enabled": True})
 
 

@@ -181,6 +181,10 @@ def build_parser() -> OneLineParser:
     g.add_argument("--reconstruct-iters", type=positive_int, default=None,
                    help="Adam steps per reconstruction unit (default 100 at 4 bits, as accurate as 300 "
                         "there at a third of the time; 300 at <= 3 bits, where they help)")
+    g.add_argument("--learn-weight-scales", action="store_true",
+                   help="reconstruction also learns the weight step sizes (one factor per output "
+                        "channel or group, stored as bfloat16): at W3A3 it helped the demo model on "
+                        "every seed tried but not the 197-token one, so it is off by default")
     g.add_argument("--time-budget", type=positive_seconds, default=None, metavar="SECONDS",
                    help="seconds the reconstruction of one variant may take, its passes over the "
                         "calibration images included: from measured costs, each unit gets fewer steps "
@@ -235,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reconstruct["iters"] = args.reconstruct_iters
     if args.time_budget is not None:
         reconstruct["time_budget"] = args.time_budget
+    if args.learn_weight_scales:
+        reconstruct["learn_weight_scale"] = True
     if reconstruct:
         switches["reconstruct"] = reconstruct
     if args.rotate:

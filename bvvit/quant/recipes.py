@@ -7,9 +7,9 @@ minmax      per-tensor, symmetric, min-max         per-tensor, asymmetric, min-m
 percentile  per-channel, symmetric, min-max        per-tensor, asymmetric, 99.99th pct.
 mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE clipping
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
-            (+ reconstruction at <= 4 bits;        softmax grid (uniform or log base 2^(1/k))
-            at <= 3 bits 300 steps and learned     chosen per block by calibration error
-            weight step sizes)                     (from 8 bits: the uniform grid's range)
+            (+ reconstruction at <= 4 bits,        softmax grid (uniform or log base 2^(1/k))
+            300 steps at <= 3 bits)                chosen per block by calibration error
+                                                   (from 8 bits: the uniform grid's range)
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction
             (AdaRound/BRECQ)
@@ -80,12 +80,15 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
 
 
 def _reconstruction(bits: int) -> ReconstructOptions:
-    """Block reconstruction at <= 4 bits; at <= 3 bits 300 steps per unit, where they cut the
+    """Block reconstruction at <= 4 bits; 300 steps per unit at <= 3 bits, where they cut the
     logit KL by a fifth on every seed tried (W3A3, held-out images, BENCHMARKS.md section 8),
-    while at 4 bits 300 steps bought nothing over 100, and learned weight step sizes, which
-    raised the demo W3A3's agreement on all six seeds tried (at 4 bits: no gain)."""
+    while at 4 bits 300 steps bought nothing over 100.
+
+    Weight step sizes stay fixed (``learn_weight_scale``, ``--learn-weight-scales``, is an
+    option): at W3A3 learning them lowered the demo model's held-out KL on all six seeds
+    tried but raised the 197-token model's on all three, and did nothing at 4 bits."""
     if bits <= LONG_RECONSTRUCTION_BITS:
-        return ReconstructOptions(enabled=True, iters=LONG_RECONSTRUCTION_ITERS, learn_weight_scale=True)
+        return ReconstructOptions(enabled=True, iters=LONG_RECONSTRUCTION_ITERS)
     return ReconstructOptions(enabled=bits <= LOW_BITS)
 
 

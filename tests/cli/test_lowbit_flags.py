@@ -41,6 +41,12 @@ def test_reconstruction_budget_flags(job_of):
     assert default.reconstruct.iters == 100 and default.reconstruct.time_budget is None
 
 
+def test_learn_weight_scales_flag(job_of):
+    cfg = make_quant_config("vit", 3, 3, **job_of("--learn-weight-scales").switches)
+    assert cfg.reconstruct.learn_weight_scale and cfg.reconstruct.enabled and cfg.reconstruct.iters == 300
+    assert not make_quant_config("vit", 3, 3, **job_of().switches).reconstruct.learn_weight_scale
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [("--time-budget", "0"), ("--time-budget", "nan"), ("--time-budget", "x"),
                                    ("--reconstruct-iters", "0")])
