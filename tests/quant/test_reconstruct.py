@@ -34,6 +34,17 @@ def _calibrated(model, calib, recipe="vit", bits=3):
     return work, qmodel
 
 
+def _block0_data(model, calib, recipe, bits=3):
+    """A calibrated model and its first block's quantized / float inputs and float target."""
+    work, qmodel = _calibrated(model, calib, recipe, bits=bits)
+    images = torch.cat([x for x, _ in calib])
+    with torch.no_grad():
+        f_in = dict(model_units(work))["embed"](images)
+        q_in = dict(model_units(qmodel))["embed"](images)
+        target = work.blocks[0](f_in)
+    return work, qmodel, q_in, f_in, target
+
+
 def _state(qmodel):
     codes = {name: m.weight_codes.clone() for name, m in weight_modules(qmodel)}
     scales = {name: q.qparams.scale.clone() for name, q in act_quantizers(qmodel)}
@@ -42,12 +53,7 @@ def _state(qmodel):
 
 @pytest.mark.parametrize("drop_prob", [0.0, 0.5])
 def test_reconstruction_lowers_the_block_error(model, calib, drop_prob):
-    work, qmodel = _calibrated(model, calib, "mse", bits=3)
-    images = torch.cat([x for x, _ in calib])
-    with torch.no_grad():
-        f_in = dict(model_units(work))["embed"](images)
-        q_in = dict(model_units(qmodel))["embed"](images)
-        target = work.blocks[0](f_in)
+    work, qmodel, q_in, f_in, target = _block0_data(model, calib, "mse")
     before = unit_error(qmodel.blocks[0], q_in, target)
     stats = reconstruct_unit(qmodel.blocks[0], work.blocks[0], q_in, f_in, target,
                              ReconstructOptions(iters=150, drop_prob=drop_prob),
@@ -65,12 +71,7 @@ def test_learned_weight_step_sizes_lower_the_error_and_stay_storable(model, cali
     dequantized codes."""
     errors, scales = {}, {}
     for learn in (False, True):
-        work, qmodel = _calibrated(model, calib, "vit", bits=3)
-        images = torch.cat([x for x, _ in calib])
-        with torch.no_grad():
-            f_in = dict(model_units(work))["embed"](images)
-            q_in = dict(model_units(qmodel))["embed"](images)
-            target = work.blocks[0](f_in)
+        work, qmodel, q_in, f_in, target = _block0_data(model, calib, "vit")
         start = {name: m.weight_qparams.scale.clone() for name, m in weight_modules(qmodel.blocks[0])}
         stats = reconstruct_unit(qmodel.blocks[0], work.blocks[0], q_in, f_in, target,
                                  ReconstructOptions(iters=150, learn_weight_scale=learn),
