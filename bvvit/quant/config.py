@@ -187,6 +187,10 @@ class ReconstructOptions:
         _require_fraction("reconstruct cache_mb", self.cache_mb, 0.0, math.inf, high_included=False)
         _require_fraction("reconstruct drop_prob", self.drop_prob, 0.0, 1.0, high_included=False)
         _require_fraction("reconstruct warmup", self.warmup, 0.0, 1.0, high_included=False)
+        for name in ("weight_lr", "act_lr", "weight_scale_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"reconstruct {name} must be a positive learning rate, got {value!r}")
         if self.init not in ("codes", "floor") or self.units not in ("all", "blocks"):
             raise ConfigError(f"reconstruct init must be codes or floor and units all or blocks, got "
                               f"{self.init!r} / {self.units!r}")

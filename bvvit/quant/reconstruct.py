@@ -361,7 +361,8 @@ def _reconstruct_unit(qunit: nn.Module, funit: nn.Module, q_inputs: CachedRows, 
 def _step_gradients(qunit: nn.Module, weights: dict[str, _AdaRoundWeight], weight_leaves: list[Tensor],
                     act_params: list[Tensor], x: Tensor, target: Tensor, micro: int, beta: Optional[float],
                     reg_weight: float, n_weights: int) -> list[Tensor]:
-    """Gradients, for the AdaRound variables then the activation log-scales, of one step's
+    """Gradients, for ``weight_leaves`` (the AdaRound variables, then the weight scales' log
+    factors when they are learned) then the activation log-scales, of one step's
     loss: the relative MSE of ``qunit`` on the batch ``x`` plus, when ``beta`` is given, the
     rounding regulariser (mean over the ``n_weights`` variables) times ``reg_weight``.
 

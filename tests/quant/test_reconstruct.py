@@ -173,7 +173,8 @@ def test_config_validates_and_round_trips():
     again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.reconstruct.enabled and again.reconstruct.iters == 50
     assert not make_quant_config("vit", 8, 8).reconstruct.enabled
-    for bad in ({"iters": 0}, {"iters": 2.5}, {"drop_prob": 1.0}, {"drop_prob": -0.1}, {"enabled": "yes"}):
+    for bad in ({"iters": 0}, {"iters": 2.5}, {"drop_prob": 1.0}, {"drop_prob": -0.1}, {"enabled": "yes"},
+                {"learn_weight_scale": 1}, {"weight_scale_lr": 0.0}, {"weight_lr": float("nan")}, {"act_lr": -1e-3}):
         with pytest.raises(ConfigError):
             make_quant_config("vit-recon", 4, 4, reconstruct=bad)
     with pytest.raises(ConfigError, match="calibration"):
