@@ -23,13 +23,13 @@ and their attention (ONNX Runtime's int8 ``attn @ v``) takes uniform uint8 proba
 a log grid there could not be exported. What is chosen instead is the uniform grid's range:
 the calibrated (MSE) scale times 2^(-j/4), j = -2 .. 12. At 197 tokens the calibrated range
 is too wide where attention is peaked (held-out W8A8 logit KL 0.0005 -> 0.0003). Cost: two
-forward passes over ``max_images`` images.
+forward passes over ``max_images`` images below 8 bits, one from 8 bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -52,11 +52,12 @@ UNIFORM_RANGES = tuple(range(-2, 13))  # ... of scale 2^(-j/4) x the calibrated 
 UNIFORM_FACTORS = {("uniform" if j == 0 else f"uniform@{j}"): 2.0 ** (-j / 4) for j in UNIFORM_RANGES}
 
 
-def candidate_qparams(quantizer: ActQuantizer, p_max: float) -> dict[str, Any]:
+def candidate_qparams(quantizer: ActQuantizer, p_max: Optional[float]) -> dict[str, Any]:
     """{candidate: qparams} for one softmax quantizer. Below :data:`UNIFORM_ONLY_BITS` bits:
-    every grid of :data:`SOFTMAX_GRIDS` (uniform with its calibrated range). From it: uniform
-    grids only, with the calibrated scale times 2^(-j/4) for j in :data:`UNIFORM_RANGES`
-    (``uniform@j``; the zero point kept), since no integer runtime runs a log grid."""
+    every grid of :data:`SOFTMAX_GRIDS` (uniform with its calibrated range; the log grids'
+    top level ``p_max``). From it: uniform grids only, with the calibrated scale times
+    2^(-j/4) for j in :data:`UNIFORM_RANGES` (``uniform@j``; the zero point kept), since no
+    integer runtime runs a log grid (``p_max`` is not used and may be None)."""
     if quantizer.bits < UNIFORM_ONLY_BITS:
         return {grid: grid_qparams(quantizer, grid, p_max) for grid in SOFTMAX_GRIDS}
     qp = quantizer.qparams
@@ -106,12 +107,14 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
     {candidate: relative error}}}, with "scale_factor" (of the calibrated scale) for a uniform one.
 
     Two passes over those images: the first finds each softmax's largest probability (the
-    log grids' top level), the second sums every grid's error block by block as the images
-    run, so only one block's probabilities are held at a time (ViT-B/16, 64 images: 0.12 GB
-    per block instead of 1.4 GB for all twelve)."""
+    log grids' top level; skipped when every softmax has 8 or more bits, so no log grid is
+    tried), the second sums every grid's error block by block as the images run, so only one
+    block's probabilities are held at a time (ViT-B/16, 64 images: 0.12 GB per block instead
+    of 1.4 GB for all twelve)."""
     pairs = _softmax_pairs(qmodel)
-    p_max = probability_maxima(qmodel, loader, max_images, device)
-    candidates = {name: candidate_qparams(module.output_quantizer, p_max[name]) for name, module, _ in pairs}
+    log_grids = any(module.output_quantizer.bits < UNIFORM_ONLY_BITS for _, module, _ in pairs)
+    p_max = probability_maxima(qmodel, loader, max_images, device) if log_grids else {}
+    candidates = {name: candidate_qparams(module.output_quantizer, p_max.get(name)) for name, module, _ in pairs}
     errors = {name: dict.fromkeys(candidates[name], 0.0) for name, _, _ in pairs}
     reference = dict.fromkeys(errors, 0.0)
     softmax_of = {matmul: name for name, _, matmul in pairs}
