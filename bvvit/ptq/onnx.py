@@ -84,12 +84,17 @@ def _log_accuracy(result: Mapping[str, Any], seconds: float) -> None:
     """One line per runtime: top-1 of each file against the simulated model it executes."""
     acc = result["accuracy"]
     if "ort_fp32" in acc:
-        log.info(f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%, int8 W8A8 top-1 "
-                 f"{acc['ort_w8a8']['top1']:.2f}% (simulated {acc['pytorch_w8a8_sim']['top1']:.2f}%)"
-                 + (f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%" if "ort_w8a8_fused" in acc else "")
-                 + f", integer ops in the optimized graph: {result['checks'].get('w8a8_integer_ops')}")
-        if result["w8a8_fused"]["error"]:
-            log.info(f"ONNX fused attention: not exported ({result['w8a8_fused']['error']})")
+        line = f"ONNX Runtime: fp32 top-1 {acc['ort_fp32']['top1']:.2f}%"
+        if "ort_w8a8" in acc:
+            line += (f", int8 W8A8 top-1 {acc['ort_w8a8']['top1']:.2f}% (simulated "
+                     f"{acc['pytorch_w8a8_sim']['top1']:.2f}%), integer ops in the optimized graph: "
+                     f"{result['checks'].get('w8a8_integer_ops')}")
+        if "ort_w8a8_fused" in acc:
+            line += f", fused attention {acc['ort_w8a8_fused']['top1']:.2f}%"
+        log.info(line)
+        for key, what in (("w8a8", "int8 attention"), ("w8a8_fused", "fused attention")):
+            if result[key]["error"]:
+                log.info(f"ONNX {what}: not exported ({result[key]['error']})")
     ov = result.get("openvino") or {}
     if "ov_fp32" in acc:
         line = f"OpenVINO {ov.get('version')}: fp32 file top-1 {acc['ov_fp32']['top1']:.2f}% ({ov.get('precision')})"
@@ -193,8 +198,13 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     - ``checks``: ONNX Runtime ``fp32_top1_delta``, ``fp32_within_0.01``,
       ``w8a8_top1_delta_vs_sim``, ``w8a8_within_0.3``, ``w8a8_integer_ops``; OpenVINO
       ``ov_w8a8_top1_delta_vs_sim``, ``ov_w8a8_within_0.1``, ``ov_w8a8_integer_ops``
-    - ``integer_ops``: :func:`integer_op_report` of the W8A8 graph as ORT optimized it
-    - ``w4`` / ``w8a8_fused``: ``{"exported": bool, "error": str | None, "integer_ops": {...}}``;
+    - ``integer_ops``: :func:`integer_op_report` of the W8A8 graph as ORT optimized it (empty
+      when it was not exported)
+    - ``w8a8`` / ``w4`` / ``w8a8_fused``: ``{"exported": bool, "error": str | None}`` (the
+      latter two with ``"integer_ops": {...}``). The W8A8 file with int8 attention is refused
+      when only its attention quantizers are not 8-bit uniform (a log-grid softmax forced at 8
+      bits); the fused and OpenVINO files, which drop them, are still made. When neither ONNX
+      Runtime W8A8 file can be made, ConfigError says why;
       ``openvino``: ``{"exported", "error", "precision" (of its float layers), "exec_graph"
       (:func:`bvvit.runtime.openvino.exec_graph_report` of the int8 IR), "version"}``
     - ``latency`` (empty with ``measure_latency=False``): rows ``{"name", "kind", "batch_size",
@@ -210,14 +220,18 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
     use_ort, use_ov = "onnxruntime" in runtimes, "openvino" in runtimes
     files = {"fp32": onnx_dir / "vit_fp32.onnx"}
     export_float_onnx(fp_model, files["fp32"], preprocessing, class_names)
+    w8a8: dict[str, Any] = {"exported": False, "error": None}
     fused: dict[str, Any] = {"exported": False, "error": None}
     w4: dict[str, Any] = {"exported": False, "error": None}
     ov: dict[str, Any] = {"exported": False, "error": None}
     if use_ort:
-        files["w8a8"] = export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8.onnx", preprocessing, class_names)
+        w8a8 = _export_optional(lambda: export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8.onnx", preprocessing,
+                                                        class_names), files, "w8a8")
         fused = _export_optional(lambda: export_qdq_onnx(qmodel_w8a8, onnx_dir / "vit_w8a8_fused_attention.onnx",
                                                          preprocessing, class_names, attention="fused"),
                                  files, "w8a8_fused")
+        if not (w8a8["exported"] or fused["exported"]):  # nothing of the model runs on ORT's int8 kernels
+            raise ConfigError(w8a8["error"])
         w4["error"] = matmul_nbits_error() if qmodel_w4 is not None else None
         if qmodel_w4 is not None and w4["error"] is None:
             w4 = _export_optional(lambda: export_w4_weight_only_onnx(qmodel_w4, onnx_dir / "vit_w4_weight_only.onnx",
@@ -283,6 +297,7 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
         "checks": checks,
         "integer_ops": int_report,
         "w4": w4,
+        "w8a8": w8a8,
         "w8a8_fused": fused,
         "openvino": ov,
         "latency": latency,
@@ -297,9 +312,12 @@ def export_and_measure(fp_model: torch.nn.Module, qmodel_w8a8: torch.nn.Module, 
 
 def _export_optional(export: Callable[[], Path], files: dict[str, Path], key: str) -> dict[str, Any]:
     """Run one export whose refusal (a BVViTError: the model does not fit that form) is
-    recorded, not raised: ``{"exported", "error"}``; the file goes into ``files[key]``."""
+    recorded, not raised: ``{"exported", "error"}``; the file goes into ``files[key]``. A failed
+    write (a full disk) is raised: it is a failure of the run, not a limit of the model."""
     try:
         files[key] = export()
+    except WriteError:
+        raise
     except BVViTError as exc:
         return {"exported": False, "error": str(exc)}
     return {"exported": True, "error": None}
@@ -307,8 +325,8 @@ def _export_optional(export: Callable[[], Path], files: dict[str, Path], key: st
 
 def _ort_integer_reports(files: Mapping[str, Path], threads: int, fused: dict[str, Any],
                          w4: dict[str, Any]) -> dict[str, Any]:
-    """The W8A8 graph's :func:`integer_op_report` as ORT optimized it (the fused and W4
-    files' integer ops go into ``fused`` / ``w4``)."""
+    """The W8A8 graph's :func:`integer_op_report` as ORT optimized it, empty when that file was
+    not exported (the fused and W4 files' integer ops go into ``fused`` / ``w4``)."""
     with tempfile.TemporaryDirectory() as folder:
         reports = {}
         for name in ("w8a8", "w8a8_fused", "w4"):
@@ -319,7 +337,7 @@ def _ort_integer_reports(files: Mapping[str, Path], threads: int, fused: dict[st
     for name, record in (("w8a8_fused", fused), ("w4", w4)):
         if name in reports:
             record["integer_ops"] = reports[name]["integer_ops"]
-    return reports["w8a8"]
+    return reports.get("w8a8", {})
 
 
 @dataclass

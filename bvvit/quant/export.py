@@ -207,11 +207,19 @@ def _qattention_problem(attention: Attention) -> Optional[str]:
     return None
 
 
-def unsupported_for_int8(qmodel: nn.Module) -> list[str]:
+ATTENTION_KINDS = ("q", "k", "v", "softmax")
+ATTENTION_MODES = ("int8", "float", "fused")
+
+
+def unsupported_for_int8(qmodel: nn.Module, attention: str = "int8") -> list[str]:
     """Why each quantized tensor of ``qmodel`` cannot run on 8-bit integer kernels
-    (empty when the whole model can)."""
+    (empty when the whole model can). With ``attention`` "float" or "fused" the attention
+    operands' quantizers (q, k, v, softmax output) are not checked: those files drop them
+    (:func:`export_twin`)."""
     problems = []
     for name, module in qmodel.named_modules():
+        if attention != "int8" and isinstance(module, ActQuantizer) and module.kind in ATTENTION_KINDS:
+            continue
         if isinstance(module, (QuantLinear, QuantConv2d)) and module.weight_qparams is not None:
             qp = module.weight_qparams
             if qp.bits != 8:
@@ -231,14 +239,11 @@ def unsupported_for_int8(qmodel: nn.Module) -> list[str]:
     return problems
 
 
-ATTENTION_KINDS = ("q", "k", "v", "softmax")
-ATTENTION_MODES = ("int8", "float", "fused")
-
-
 def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTransformer:
     """A copy of ``qmodel`` whose quantizers are fake-quant ops the ONNX exporter writes
     as QuantizeLinear/DequantizeLinear pairs (same logits as ``qmodel`` up to float
-    rounding). Raises ConfigError when a tensor is not 8-bit per-tensor/per-channel.
+    rounding). Raises ConfigError when a tensor it keeps is not 8-bit per-tensor/per-channel
+    (or uniform: a log-grid softmax runs only where the attention is not integer).
 
     ``attention="float"`` drops the quantizers of the attention operands (q, k, v and the
     softmax output): ``q @ k^T`` and ``attn @ v`` then run in float, as in ONNX Runtime's
@@ -246,11 +251,14 @@ def export_twin(qmodel: VisionTransformer, attention: str = "int8") -> VisionTra
     """
     if attention not in ATTENTION_MODES:
         raise ConfigError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
-    problems = unsupported_for_int8(qmodel)
+    problems = unsupported_for_int8(qmodel, attention)
     if problems:
         shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4 else "")
-        raise ConfigError(f"only 8-bit models run on ONNX Runtime's integer kernels: {shown}; "
-                          "export other widths with the packed .safetensors file instead")
+        if unsupported_for_int8(qmodel, "float"):
+            raise ConfigError(f"only 8-bit models run on ONNX Runtime's integer kernels: {shown}; "
+                              "export other widths with the packed .safetensors file instead")
+        raise ConfigError(f"int8 attention needs uniform 8-bit per-tensor q, k, v and softmax quantizers: {shown}; "
+                          "export with attention='fused' or 'float' instead (they keep attention in float)")
     twin = copy.deepcopy(qmodel).eval().cpu()
     if attention == "fused":
         blocks = [(name, m) for name, m in twin.named_modules() if isinstance(m, Attention)]

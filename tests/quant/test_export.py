@@ -209,6 +209,34 @@ def test_other_widths_are_refused(model, calib, tmp_path):
     assert not (tmp_path / "w4a8.onnx").exists()
 
 
+def test_a_log_softmax_at_8_bits_exports_where_attention_is_not_integer(model, calib, images, tmp_path):
+    """A log2 softmax grid forced at W8A8 cannot run on int8 attention: that file is refused
+    with a hint, while the fused and float-attention files (which drop the attention
+    quantizers) export, and export_and_measure measures what it could make. A model whose
+    Linears are not 8-bit is still refused as a whole."""
+    log_model, _ = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="log2"), calib)
+    with pytest.raises(ConfigError, match="int8 attention needs.*softmax.*attention='fused' or 'float'"):
+        export_twin(log_model)
+    with torch.no_grad():
+        fused, float_attention = export_twin(log_model, "fused")(images), export_twin(log_model, "float")(images)
+    torch.testing.assert_close(fused, float_attention)
+    loader = DataLoader(TensorDataset(images[:16], torch.arange(16) % 5), batch_size=8)
+    with torch.no_grad():
+        fp_logits, sim_logits = model(images[:16]), log_model(images[:16])
+    result = export_and_measure(model, log_model, loader, tmp_path, PRE, CLASSES, fp_logits, sim_logits,
+                                measure_latency=False, threads=1, runtimes=("onnxruntime",))
+    assert not result["w8a8"]["exported"] and "softmax" in result["w8a8"]["error"]
+    assert not (tmp_path / "onnx" / "vit_w8a8.onnx").exists()
+    assert result["w8a8_fused"]["exported"] and set(result["files"]) == {"fp32", "w8a8_fused"}
+    assert "ort_w8a8" not in result["accuracy"] and result["integer_ops"] == {}
+    assert "w8a8_integer_ops" not in result["checks"] and result["checks"]["fp32_within_0.01"]
+    assert result["accuracy"]["ort_w8a8_fused"]["agreement"] >= 90
+    w4a8, _ = quantize_model(model, make_quant_config("minmax", 4, 8), calib)
+    with pytest.raises(ConfigError, match="only 8-bit.*safetensors"):
+        export_and_measure(model, w4a8, loader, tmp_path / "w4", PRE, CLASSES, fp_logits, sim_logits,
+                           measure_latency=False, threads=1, runtimes=("onnxruntime",))
+
+
 @pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("group:16", False)])
 def test_w4_weight_only_uses_matmul_nbits(model, calib, images, tmp_path, granularity, symmetric):
     weight = TensorQuantSpec(4, symmetric=symmetric, granularity=granularity, observer="minmax")

@@ -182,3 +182,21 @@ def test_the_core_runs_without_openvino():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ConfigError --runtime openvino: the openvino package is not installed")
+
+
+@needs_openvino
+def test_a_log_softmax_at_8_bits_still_deploys_on_openvino(tmp_path, model):
+    """OpenVINO's IR keeps attention in float, so a log2 softmax grid forced at W8A8 (which
+    ONNX Runtime's int8-attention file refuses) does not stop it: the IR runs the same model
+    as its float-attention twin."""
+    loader = noise_loader(32, batch_size=16, seed=3)
+    log_model = quantize_model(model, make_quant_config("mse", 8, 8, softmax_method="log2"), loader)[0]
+    with torch.no_grad():
+        fp_logits = torch.cat([model(x) for x, _ in loader])
+        sim_logits = torch.cat([log_model(x) for x, _ in loader])
+    result = export_and_measure(model, log_model, loader, tmp_path, PRE, CLASSES, fp_logits, sim_logits,
+                                threads=1, measure_latency=False, runtimes=("onnxruntime", "openvino"))
+    assert not result["w8a8"]["exported"] and result["openvino"]["exported"]
+    assert set(result["files"]) == {"fp32", "w8a8_fused", "ov_w8a8"}
+    assert result["checks"]["ov_w8a8_integer_ops"] and result["checks"]["ov_w8a8_within_0.1"]
+    assert result["accuracy"]["ov_w8a8"]["agreement_with_sim"] >= 90
