@@ -60,16 +60,18 @@ def variants(w: int, a: int):
     yield "vit-recon", make_quant_config("vit-recon", w, a)
     # issue 17: each technique alone on the vit recipe of before, then together (the default)
     # (100 reconstruction steps in every "before" row: the recipe's count before it took 300 at <= 3 bits)
-    before = {"softmax_method": "uniform", "image_bits": None}
+    before = {"softmax_method": "uniform", "image_bits": None, "softmax_renorm": False}
     steps = {"reconstruct": {"iters": 100}}
     yield "17:vit before (recon 300)", make_quant_config("vit", w, a, **before, reconstruct={"iters": 300})
     yield "17:vit before (recon 100)", make_quant_config("vit", w, a, **before, **steps)
-    yield "17:+ softmax auto", make_quant_config("vit", w, a, image_bits=None, **steps)
-    yield "17:+ image 8 bit", make_quant_config("vit", w, a, softmax_method="uniform", **steps)
+    yield "17:+ softmax auto", make_quant_config("vit", w, a, image_bits=None, softmax_renorm=False, **steps)
+    yield "17:+ image 8 bit", make_quant_config("vit", w, a, softmax_method="uniform", softmax_renorm=False, **steps)
+    yield "17:+ softmax renorm", make_quant_config("vit", w, a, **{**before, "softmax_renorm": True}, **steps)
     yield "17:+ rotation", make_quant_config("vit", w, a, **before, rotation={"enabled": True}, **steps)
     yield "17:mse + rotation", make_quant_config("mse", w, a, rotation={"enabled": True})
     yield "17:vit default (recon 100)", make_quant_config("vit", w, a, **steps)
     yield "17:vit default", make_quant_config("vit", w, a)
+    yield "17:vit default - softmax renorm", make_quant_config("vit", w, a, softmax_renorm=False)
     yield "17:vit default + w scales", make_quant_config("vit", w, a, reconstruct={"learn_weight_scale": True})
     yield "17:vit default + rotation", make_quant_config("vit", w, a, rotation={"enabled": True})
 

@@ -169,8 +169,12 @@ def build_parser() -> OneLineParser:
                         "block, whichever has the lowest attn @ v error on calibration images: below 8 "
                         "bits uniform or a log grid of base 2^(1/k), k = 1, 2, 4, 8, 16; from 8 bits "
                         "uniform grids of 15 ranges, which integer runtimes run), uniform, or log2 (the "
-                        "base by MSE). A log grid at 8 bits cannot be exported to ONNX int8")
+                        "base by MSE). A log grid at 8 bits has no int8 attention kernel: only the "
+                        "fused-attention ONNX file and OpenVINO's IR (attention in float) are made")
     g.add_argument("--softmax-log2", action="store_true", help="same as --softmax-grid log2")
+    g.add_argument("--no-softmax-renorm", action="store_true",
+                   help="keep each row of quantized attention probabilities as rounded (the vit "
+                        "recipes rescale it to sum to 1 when the softmax has fewer than 8 bits)")
     rec = g.add_mutually_exclusive_group()
     rec.add_argument("--reconstruct", action="store_true",
                      help="after calibration, reconstruct block by block (learned weight rounding "
@@ -230,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     switches = {"linear": not args.no_linear, "attention_matmul": not args.no_attention_matmul,
                 "softmax_output": not args.no_softmax, "residual": args.residual,
                 "patch_embed": not args.no_patch_embed, "head": not args.no_head}
+    if args.no_softmax_renorm:
+        switches["softmax_renorm"] = False
     if args.softmax_log2 or args.softmax_grid:
         switches["softmax_method"] = "log2" if args.softmax_log2 else args.softmax_grid
     reconstruct: dict[str, Any] = {}  # the recipe's other reconstruction settings stay

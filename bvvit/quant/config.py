@@ -233,6 +233,7 @@ class QuantConfig(DictConfig):
     patch_embed: bool = True
     head: bool = True
     image_bits: Optional[int] = None  # bits of the patch-embedding input (the image); None: a_bits
+    softmax_renorm: bool = False  # quantized attention rows rescaled to sum to 1 (softmax below 8 bits)
     overrides: list[LayerOverride] = field(default_factory=list)
     # ViT-aware techniques, handed as they are to rotation.py, reparam.py, gptq.py and reconstruct.py
     rotation: RotationOptions = field(default_factory=RotationOptions)
@@ -251,6 +252,7 @@ class QuantConfig(DictConfig):
                 raise ConfigError(f"{name} must be {cls.__name__}, got {getattr(self, name)!r}")
         if self.image_bits is not None:
             self.image_bits = check_bits(self.image_bits, "image_bits")
+        _require_bool("softmax_renorm", self.softmax_renorm)
         if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size <= 0:
             raise ConfigError(f"--calib-size must be positive, got {self.calib_size}")
 

@@ -210,14 +210,36 @@ class QuantMatMul(nn.Module):
         return a @ b
 
 
+def renormalize_rows(p: Tensor, dim: int = -1) -> Tensor:
+    """``p`` divided by its sum along ``dim``, so each row of quantized probabilities sums
+    to 1 again (a row quantized to all zeros stays zero)."""
+    total = p.sum(dim, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
 class QuantSoftmax(nn.Module):
-    def __init__(self, softmax: nn.Module, spec: TensorQuantSpec):
+    """Softmax with quantized output probabilities. With ``renormalize`` each quantized row
+    is divided by its sum: rounding a row's probabilities to a few levels changes its total
+    (by up to tens of percent at 3 bits), which scales that token's ``attn @ v`` output; in
+    integer arithmetic the sum of the row's codes is one integer per row, folded into the
+    requantization of ``attn @ v``'s int32 outputs."""
+
+    def __init__(self, softmax: nn.Module, spec: TensorQuantSpec, renormalize: bool = False):
         super().__init__()
         self.dim = softmax.dim
         self.output_quantizer = ActQuantizer(spec, "softmax")
+        self.renormalize = renormalize
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.output_quantizer(x.softmax(dim=self.dim))
+        quantizer = self.output_quantizer
+        p = quantizer(x.softmax(dim=self.dim))
+        # only rows this quantizer rounded (export twins may replace it by a QDQ op or drop it)
+        if self.renormalize and isinstance(quantizer, ActQuantizer) and quantizer.state == QUANTIZE:
+            p = renormalize_rows(p, self.dim)
+        return p
+
+    def extra_repr(self) -> str:
+        return "renormalize=True" if self.renormalize else ""
 
 
 class QuantAdd(nn.Module):
@@ -238,6 +260,6 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_qparams is not None]
 
 
-__all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantSoftmax",
+__all__ = ["ActQuantizer", "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantSoftmax", "renormalize_rows",
            "QuantAdd", "act_quantizers", "weight_modules", "quantize_weight", "granularity_for",
            "NotCalibratedError", "OBSERVE", "QUANTIZE", "OFF"]

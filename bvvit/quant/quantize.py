@@ -74,6 +74,9 @@ def _with_bits(spec: TensorQuantSpec, bits: Optional[int] | str) -> Optional[Ten
     return spec if bits is None else dataclasses.replace(spec, bits=int(bits))
 
 
+RENORM_BELOW_BITS = 8  # cfg.softmax_renorm acts below 8 bits; 8-bit attention stays what int8 runtimes run
+
+
 def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransformer, list[str]]:
     """A quantized copy of ``model`` (uncalibrated), plus warnings. The input is untouched."""
     qmodel = copy.deepcopy(model).eval()
@@ -107,7 +110,9 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
             qmodel.set_submodule(name, new)
         elif isinstance(module, Softmax):
             if cfg.softmax_output and bits != "float":
-                qmodel.set_submodule(name, QuantSoftmax(module, _with_bits(cfg.softmax, bits)))
+                spec = _with_bits(cfg.softmax, bits)
+                renormalize = cfg.softmax_renorm and spec.bits < RENORM_BELOW_BITS
+                qmodel.set_submodule(name, QuantSoftmax(module, spec, renormalize))
         elif isinstance(module, Add):
             if cfg.residual and bits != "float":
                 qmodel.set_submodule(name, QuantAdd(_with_bits(cfg.activation, bits)))

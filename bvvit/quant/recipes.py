@@ -9,7 +9,9 @@ mse         per-channel, symmetric, MSE clipping   per-tensor, asymmetric, MSE c
 vit         mse + GPTQ rounding                    mse + post-LayerNorm reparameterization;
             (+ reconstruction at <= 4 bits,        softmax grid (uniform or log base 2^(1/k))
             300 steps at <= 3 bits)                chosen per block by calibration error
-                                                   (from 8 bits: the uniform grid's range)
+                                                   (from 8 bits: the uniform grid's range);
+                                                   below 8 bits each quantized attention
+                                                   row rescaled to sum to 1
 vit-recon   vit + block-wise reconstruction at     vit + learned step sizes (LSQ), same
             every width: learned rounding          block-wise reconstruction
             (AdaRound/BRECQ)
@@ -74,7 +76,7 @@ def _vit(w_bits: int, a_bits: int) -> dict[str, Any]:
     among uniform grids only (their range), what integer runtimes run, so the simulated W8A8
     model is the one that is exported."""
     softmax = TensorQuantSpec(a_bits, symmetric=False, observer="mse", method="auto")
-    return {**_mse(w_bits, a_bits), "softmax": softmax, "image_bits": max(a_bits, IMAGE_BITS),
+    return {**_mse(w_bits, a_bits), "softmax": softmax, "image_bits": max(a_bits, IMAGE_BITS), "softmax_renorm": True,
             "reparam": ReparamOptions(enabled=True), "gptq": GPTQOptions(enabled=True),
             "reconstruct": _reconstruction(min(w_bits, a_bits))}
 

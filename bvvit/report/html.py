@@ -163,8 +163,8 @@ def settings_items(summary: dict[str, Any], analysis: Optional[dict[str, Any]]) 
             items.append((f"{key.capitalize()} quantizer",
                           f"{'symmetric' if spec.get('symmetric') else 'asymmetric'}, per-"
                           f"{spec.get('granularity')}, {spec.get('observer')} observer, {spec.get('method', 'uniform')}"))
-        switches = [k for k in ("linear", "attention_matmul", "softmax_output", "residual", "patch_embed", "head")
-                    if k in quant]
+        switches = [k for k in ("linear", "attention_matmul", "softmax_output", "softmax_renorm", "residual",
+                                "patch_embed", "head") if k in quant]
         items.append(("Quantized ops", ", ".join(f"{k}={'on' if quant[k] else 'off'}" for k in switches)))
         overrides = quant.get("overrides") or []
         items.append(("Overrides", ", ".join(f"{o['pattern']}={'float' if o.get('keep_float') else o.get('bits')}"

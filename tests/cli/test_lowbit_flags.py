@@ -47,6 +47,11 @@ def test_learn_weight_scales_flag(job_of):
     assert not make_quant_config("vit", 3, 3, **job_of().switches).reconstruct.learn_weight_scale
 
 
+def test_no_softmax_renorm_flag(job_of):
+    assert make_quant_config("vit", 3, 3, **job_of().switches).softmax_renorm
+    assert not make_quant_config("vit", 3, 3, **job_of("--no-softmax-renorm").switches).softmax_renorm
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [("--time-budget", "0"), ("--time-budget", "nan"), ("--time-budget", "x"),
                                    ("--reconstruct-iters", "0")])

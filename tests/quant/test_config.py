@@ -90,7 +90,8 @@ def test_the_flat_layout_of_earlier_versions_is_read():
     """A packed file written before the options were nested (the code of commit 42ffccf,
     tests/quant/data/) reloads with its config and computes the logits it computed then."""
     record = json.loads((DATA / "w4a8_flat_config.json").read_text())
-    expected = make_quant_config("vit", 4, 8, softmax_method="uniform", image_bits=None, gptq={"damp": 0.02},
+    expected = make_quant_config("vit", 4, 8, softmax_method="uniform", image_bits=None, softmax_renorm=False,
+                                 gptq={"damp": 0.02},
                                  reconstruct={"enabled": True, "iters": 5, "drop_prob": 0.25}, calib_size=16, seed=3)
     assert "gptq_damp" in record["quant_config"] and QuantConfig.from_dict(record["quant_config"]) == expected
     qmodel, meta = load_quantized_model(DATA / "w4a8_flat_config.safetensors")
@@ -98,6 +99,14 @@ def test_the_flat_layout_of_earlier_versions_is_read():
     images = torch.randn(record["images_shape"], generator=torch.Generator().manual_seed(record["images_seed"]))
     with torch.no_grad():
         torch.testing.assert_close(qmodel(images), torch.tensor(record["logits"]), rtol=0, atol=1e-6)
+
+
+def test_softmax_renorm_must_be_a_bool_and_defaults_off_in_older_files():
+    with pytest.raises(ConfigError, match="softmax_renorm must be true or false"):
+        make_quant_config("vit", 3, 3, softmax_renorm=1)
+    stored = make_quant_config("vit", 3, 3).to_dict()
+    del stored["softmax_renorm"]  # written before the option: its softmax was not renormalized
+    assert not QuantConfig.from_dict(stored).softmax_renorm
 
 
 def test_flat_bits_overrode_the_specs_and_still_do():

@@ -254,6 +254,21 @@ def test_w4_weight_only_uses_matmul_nbits(model, calib, images, tmp_path, granul
     assert sqnr_db(expected, torch.from_numpy(run_session(session, images))) > 60
 
 
+def test_w4_weight_only_file_of_a_renormalizing_w4a4_model(model, calib, images, tmp_path):
+    """The W4A4 vit model renormalizes its 4-bit attention rows; its weight-only file drops
+    every activation quantizer, and with it the renormalization (there is no rounding to undo)."""
+    qm, _ = quantize_model(model, make_quant_config("vit", 4, 4, reconstruct={"enabled": False}), calib)
+    assert all(block.attn.softmax.renormalize for block in qm.blocks)
+    session = make_session(export_w4_weight_only_onnx(qm, tmp_path / "w4.onnx", PRE, CLASSES, accuracy_level=0),
+                           threads=1)
+    for _, quantizer in qm.named_modules():
+        if isinstance(quantizer, ActQuantizer):
+            quantizer.state = OFF
+    with torch.no_grad():
+        expected = qm(images)
+    assert sqnr_db(expected, torch.from_numpy(run_session(session, images))) > 60
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 5), k_blocks=st.integers(1, 3), bits=st.integers(2, 4),
        symmetric=st.booleans(), seed=st.integers(0, 2**16))
