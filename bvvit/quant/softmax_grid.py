@@ -18,11 +18,11 @@ log grid has a smaller relative rounding error but spans fewer octaves with the 
 that matter get: at 6 bits and 197 tokens k = 4 cut the held-out logit error of the model
 by a third (docs/BENCHMARKS.md section 8).
 
-Below 8 bits (``softmax_renorm``, the ``vit`` recipes) each candidate is also tried with every
-quantized row rescaled to sum to 1, and each block keeps whichever is better: rounding a row's
-probabilities changes its total, which scales the token's output, but with many small
-probabilities rounded to zero rescaling the rest can be the larger error (it was in some
-blocks of the 197-token model, none of the demo model's).
+Below 8 bits the ``vit`` recipes rescale each quantized row to sum to 1 (``softmax_renorm``,
+:class:`~bvvit.quant.modules.QuantSoftmax`), and the candidates' errors are measured on the
+rescaled rows. Whether to rescale is not chosen per block by this error: that choice kept
+the rounded rows in some blocks of the 197-token model and raised its held-out W3A3 logit
+error, where rescaling every block lowered it (docs/BENCHMARKS.md section 8).
 
 From 8 bits the candidates are uniform grids only: 8 bits is what the integer runtimes run,
 and their attention (ONNX Runtime's int8 ``attn @ v``) takes uniform uint8 probabilities, so
@@ -56,7 +56,6 @@ UNIFORM_ONLY_BITS = 8  # from this many bits only uniform grids: what integer ru
 UNIFORM_RANGES = tuple(range(-2, 13))  # ... of scale 2^(-j/4) x the calibrated one (j = 0: it)
 # candidate name -> factor of the calibrated scale ("uniform" is the calibrated grid itself)
 UNIFORM_FACTORS = {("uniform" if j == 0 else f"uniform@{j}"): 2.0 ** (-j / 4) for j in UNIFORM_RANGES}
-RENORM_SUFFIX = "+renorm"  # a candidate whose quantized rows are rescaled to sum to 1
 
 
 def candidate_qparams(quantizer: ActQuantizer, p_max: Optional[float]) -> dict[str, Any]:
@@ -110,12 +109,10 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
     lowest relative ``attn @ v`` error on ``loader``'s first ``max_images`` images (in place;
     the quantizer's spec then names the method it uses). The candidates are those of
     :func:`candidate_qparams`. Returns {softmax module name: {"choice": the grid (``uniform``,
-    ``log2``, ...), "candidate": the candidate kept (``uniform@3`` from 8 bits), "renormalize",
-    "errors": {candidate: relative error}}}, with "scale_factor" (of the calibrated scale) for a
-    uniform one. Where the softmax may renormalize its rows (``QuantSoftmax.renormalize``, from
-    ``softmax_renorm`` below 8 bits) every candidate is also tried with its quantized rows
-    rescaled to sum to 1 (``log2+renorm``, ...), and the block keeps the renormalization only
-    when that candidate has the lowest error.
+    ``log2``, ...), "candidate": the candidate kept (``uniform@3`` from 8 bits), "errors":
+    {candidate: relative error}}}, with "scale_factor" (of the calibrated scale) for a uniform one.
+    Where the softmax renormalizes its rows (``QuantSoftmax.renormalize``) each candidate's
+    error is that of its renormalized rows: what the module computes.
 
     Two passes over those images: the first finds each softmax's largest probability (the
     log grids' top level; skipped when every softmax has 8 or more bits, so no log grid is
@@ -126,11 +123,7 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
     log_grids = any(module.output_quantizer.bits < UNIFORM_ONLY_BITS for _, module, _ in pairs)
     p_max = probability_maxima(qmodel, loader, max_images, device) if log_grids else {}
     candidates = {name: candidate_qparams(module.output_quantizer, p_max.get(name)) for name, module, _ in pairs}
-    renormalizable = {name: module.renormalize for name, module, _ in pairs}
-    errors = {}
-    for name, _, _ in pairs:
-        renormalized = [grid + RENORM_SUFFIX for grid in candidates[name]] if renormalizable[name] else []
-        errors[name] = dict.fromkeys([*candidates[name], *renormalized], 0.0)
+    errors = {name: dict.fromkeys(candidates[name], 0.0) for name, _, _ in pairs}
     reference = dict.fromkeys(errors, 0.0)
     softmax_of = {matmul: name for name, _, matmul in pairs}
     modules = {name: qmodel.get_submodule(name) for pair in pairs for name in (pair[0], pair[2])}
@@ -146,23 +139,21 @@ def choose_softmax_grids(qmodel: nn.Module, loader: Iterable, max_images: int = 
         p = pending.pop(softmax)
         pv = p @ v
         reference[softmax] += float(pv.pow(2).sum())
+        renormalize = modules[softmax].renormalize
         for grid, qparams in candidates[softmax].items():
             quantized = qparams.fake_quantize(p)
+            if renormalize:  # the error of what the module computes
+                quantized = renormalize_rows(quantized)
             errors[softmax][grid] += float((quantized @ v - pv).pow(2).sum())
-            if renormalizable[softmax]:
-                errors[softmax][grid + RENORM_SUFFIX] += float((renormalize_rows(quantized) @ v - pv).pow(2).sum())
 
     run_with_hooks(qmodel, loader, list(modules), record, device, max_images=max_images)
     chosen: dict[str, dict[str, Any]] = {}
     for name, module, _ in pairs:
         relative = {grid: error / max(reference[name], 1e-30) for grid, error in errors[name].items()}
         best = min(relative, key=relative.__getitem__)
-        module.renormalize = best.endswith(RENORM_SUFFIX)
-        best = best.removesuffix(RENORM_SUFFIX)
         module.output_quantizer.set_qparams(candidates[name][best])
         uniform = best in UNIFORM_FACTORS
-        chosen[name] = {"choice": "uniform" if uniform else best, "candidate": best,
-                        "renormalize": module.renormalize, "errors": relative}
+        chosen[name] = {"choice": "uniform" if uniform else best, "candidate": best, "errors": relative}
         if uniform:
             chosen[name]["scale_factor"] = UNIFORM_FACTORS[best]
     return chosen
@@ -172,8 +163,7 @@ def grid_summary(chosen: dict[str, dict[str, Any]]) -> str:
     """One word for the summary: the grid every block chose, or ``mixed (log2 x4, uniform x2)``."""
     counts: dict[str, int] = {}
     for record in chosen.values():
-        word = record["choice"] + (RENORM_SUFFIX if record.get("renormalize") else "")
-        counts[word] = counts.get(word, 0) + 1
+        counts[record["choice"]] = counts.get(record["choice"], 0) + 1
     if len(counts) == 1:
         return next(iter(counts))
     return "mixed (" + ", ".join(f"{grid} x{n}" for grid, n in sorted(counts.items())) + ")"
@@ -181,4 +171,4 @@ def grid_summary(chosen: dict[str, dict[str, Any]]) -> str:
 
 __all__ = ["SOFTMAX_GRIDS", "log_grid_name", "UNIFORM_ONLY_BITS", "UNIFORM_RANGES", "UNIFORM_FACTORS",
            "candidate_qparams", "CHOICE_IMAGES", "probability_maxima", "grid_qparams", "choose_softmax_grids",
-           "grid_summary", "RENORM_SUFFIX"]
+           "grid_summary"]

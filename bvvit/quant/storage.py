@@ -19,9 +19,8 @@ every other model tensor           float32 (or float16 with ``float_dtype="fp16"
 
 The safetensors metadata entry ``bvvit`` is JSON: format version, model config, class
 names, preprocessing, the full QuantConfig, each packed weight's shape/bits/range, every
-calibrated activation quantizer's qparams, (format 3) ``tensors_sha256``, the content
-hash of the tensors (:func:`tensors_sha256`), and (format 4) ``renormalized_softmax``, the
-attention softmaxes whose quantized rows are rescaled to sum to 1 (chosen per block). :func:`load_quantized_model` checks that hash
+calibrated activation quantizer's qparams, and (format 3) ``tensors_sha256``, the content
+hash of the tensors (:func:`tensors_sha256`). :func:`load_quantized_model` checks that hash
 and rebuilds the quantized model from the file alone; its logits equal the saved model's
 bit for bit. Files of formats 1 and 2 (no hash) still load.
 """
@@ -43,13 +42,13 @@ from bvvit.errors import CheckpointError
 from bvvit.io import atomic_path
 from bvvit.model import VisionTransformer
 from bvvit.quant.config import QuantConfig
-from bvvit.quant.modules import QuantSoftmax, act_quantizers, weight_modules
+from bvvit.quant.modules import act_quantizers, weight_modules
 from bvvit.quant.log2 import qparams_from_dict
 from bvvit.quant.packing import from_unsigned, pack_bits, to_unsigned, unpack_bits
 from bvvit.quant.primitives import QParams, granularity_from_dict, granularity_to_dict
 
 FORMAT = "bvvit-quantized"
-FORMAT_VERSION = 4  # 4: renormalized_softmax; 3: tensors_sha256; 2: per-layer metadata factored; 1-3 load
+FORMAT_VERSION = 3  # 3: tensors_sha256; 2: per-layer metadata factored (common + each); 1, 2 load
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -144,9 +143,6 @@ def save_quantized_model(path: str | os.PathLike, qmodel: nn.Module, cfg: QuantC
         "preprocessing": loaded.preprocessing.to_dict(), "quant_config": cfg.to_dict(),
         "weights": _factor(weights_meta), "activations": _factor(activations),
         "float_dtype": float_dtype, "tensors_sha256": tensors_sha256(tensors),
-        # the softmaxes whose quantized rows are rescaled to sum to 1 (chosen per block)
-        "renormalized_softmax": [name for name, m in qmodel.named_modules()
-                                 if isinstance(m, QuantSoftmax) and m.renormalize],
     }
     metadata = {"bvvit": json.dumps(meta, separators=(",", ":"))}
     path = Path(path)
@@ -302,14 +298,6 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[VisionTransformer, di
         with torch.no_grad():
             for name, tensor in floats.items():
                 tensor.copy_(tensors[name].to(torch.float32))
-        if "renormalized_softmax" in meta:  # (older files: none, as their config says)
-            renormalized = set(meta["renormalized_softmax"])
-            for name, module in qmodel.named_modules():
-                if isinstance(module, QuantSoftmax):
-                    module.renormalize = name in renormalized
-                    renormalized.discard(name)
-            if renormalized:
-                raise KeyError(f"no softmax {sorted(renormalized)[:3]}")
         quantizers = dict(act_quantizers(qmodel))
         for name, qdict in meta["activations"].items():
             quantizers[name].set_qparams(qparams_from_dict(qdict))

@@ -8,7 +8,7 @@ import torch
 from bvvit.quant.log2 import LogQParams
 from bvvit.quant.quantize import quantize_model
 from bvvit.quant.recipes import make_quant_config
-from bvvit.quant.softmax_grid import RENORM_SUFFIX, grid_summary
+from bvvit.quant.softmax_grid import grid_summary
 from bvvit.quant.storage import load_quantized_model, save_quantized_model
 from tests.quant.tiny import loaded_model, noise_loader
 
@@ -192,40 +192,33 @@ def _attention_rows(qmodel, loader):
     return {i: {key: torch.cat(values) for key, values in row.items()} for i, row in rows.items()}
 
 
-def test_each_block_keeps_renormalized_rows_only_where_they_have_the_lower_error(model):
-    """With ``softmax_renorm`` the choice tries every grid with and without rescaling each
-    quantized row to sum to 1, and each block keeps the lowest error. What the module then
-    hands to attn @ v is what was measured: rows summing to 1 where it renormalizes, and the
-    recorded error of the kept candidate is the relative attn @ v error of the module's
-    output. Without the option no renormalized candidate is tried."""
+def test_renormalized_rows_sum_to_one_and_the_grid_choice_measures_them(model):
+    """With ``softmax_renorm`` every quantized row of attention probabilities is rescaled to
+    sum to 1, and the error the grid choice records for the grid it keeps is the relative
+    attn @ v error of what the module computes (the renormalized rows). Without it the
+    rounded rows do not sum to 1."""
     loader = noise_loader(32, 16)
     sharp = _sharpened(model, 4.0)
-    kept = []
     for renorm in (True, False):
         cfg = make_quant_config("mse", 3, 3, softmax_method="auto", softmax_renorm=renorm)
         qmodel, report = quantize_model(sharp, cfg, loader)
         rows = _attention_rows(qmodel, loader)
         for i, record in enumerate(report.extras["softmax_grids"].values()):
-            module = qmodel.blocks[i].attn.softmax
-            key = record["candidate"] + (RENORM_SUFFIX if record["renormalize"] else "")
-            assert module.renormalize is record["renormalize"] and key == min(record["errors"], key=record["errors"].get)
-            assert any(k.endswith(RENORM_SUFFIX) for k in record["errors"]) is renorm
+            assert qmodel.blocks[i].attn.softmax.renormalize is renorm
             p, out, v = rows[i]["p"], rows[i]["out"], rows[i]["v"]
             sums = out.sum(-1)
-            if module.renormalize:
+            if renorm:
                 assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0))
             else:
-                assert (sums - 1).abs().max() > 1e-2  # rounded rows do not sum to 1
+                assert (sums - 1).abs().max() > 1e-2
             error = float((out @ v - p @ v).pow(2).sum() / (p @ v).pow(2).sum())
-            assert error == pytest.approx(record["errors"][key], rel=1e-4)
-            kept.append(module.renormalize)
-    assert any(kept)
+            assert error == pytest.approx(record["errors"][record["candidate"]], rel=1e-4)
 
 
 def test_renormalization_is_the_vit_recipes_below_8_bits_and_survives_the_file(model, tmp_path):
-    """The vit recipes may renormalize the softmax below 8 bits only (8-bit attention stays
-    the int8 runtimes' uniform uint8 probabilities), per block (an override to 8 bits turns
-    it off there); the naive baseline does not. The packed file keeps each block's choice."""
+    """The vit recipes renormalize the softmax below 8 bits only (8-bit attention stays the
+    int8 runtimes' uniform uint8 probabilities), per block (an override to 8 bits turns it
+    off there); the naive baseline does not; the packed file reloads it."""
     def flags(qmodel):
         return [block.attn.softmax.renormalize for block in qmodel.blocks]
     from bvvit.quant.config import LayerOverride
@@ -238,23 +231,18 @@ def test_renormalization_is_the_vit_recipes_below_8_bits_and_survives_the_file(m
     assert flags(convert(model, make_quant_config("vit", 4, 4, overrides=override))[0]) == [False, True]
     cfg = make_quant_config("vit", 4, 4, reconstruct={"enabled": False})
     qmodel, report = quantize_model(model, cfg, noise_loader(32, 16))
+    save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded_model(model), report)
+    reloaded, _ = load_quantized_model(tmp_path / "q.safetensors")
+    assert flags(reloaded) == [True, True]
     x = torch.randn(4, 1, 16, 16)
-    for chosen in ([True, False], [False, True]):
-        for block, flag in zip(qmodel.blocks, chosen):
-            block.attn.softmax.renormalize = flag
-        save_quantized_model(tmp_path / "q.safetensors", qmodel, cfg, loaded_model(model), report)
-        reloaded, _ = load_quantized_model(tmp_path / "q.safetensors")
-        assert flags(reloaded) == chosen
-        with torch.no_grad():
-            assert torch.equal(qmodel(x), reloaded(x))
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), reloaded(x))
 
 
 def test_summary_word():
     assert grid_summary({"a": {"choice": "log2"}, "b": {"choice": "log2"}}) == "log2"
     assert grid_summary({"a": {"choice": "log2"}, "b": {"choice": "uniform"},
                          "c": {"choice": "uniform"}}) == "mixed (log2 x1, uniform x2)"
-    assert grid_summary({"a": {"choice": "log2", "renormalize": True}, "b": {"choice": "log2", "renormalize": False}}
-                        ) == "mixed (log2 x1, log2+renorm x1)"
 
 
 def test_summary_row_names_the_grid(model):

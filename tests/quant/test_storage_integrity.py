@@ -33,7 +33,7 @@ def _raw_metadata(path):
 def test_hash_is_in_the_metadata_and_the_result_record(saved):
     path, info, _ = saved
     meta = read_metadata(path)
-    assert meta["format_version"] == 4
+    assert meta["format_version"] == 3
     assert meta["tensors_sha256"] == info["tensors_sha256"] == tensors_sha256(load_file(str(path)))
     load_quantized_model(path)
 
