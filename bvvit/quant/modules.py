@@ -220,9 +220,10 @@ def renormalize_rows(p: Tensor, dim: int = -1) -> Tensor:
 class QuantSoftmax(nn.Module):
     """Softmax with quantized output probabilities. With ``renormalize`` each quantized row
     is divided by its sum: rounding a row's probabilities to a few levels changes its total
-    (by up to tens of percent at 3 bits), which scales that token's ``attn @ v`` output; in
-    integer arithmetic the sum of the row's codes is one integer per row, folded into the
-    requantization of ``attn @ v``'s int32 outputs."""
+    (by up to tens of percent at 3 bits), which scales that token's ``attn @ v`` output. In
+    integer arithmetic it is one sum per row (of the codes on a uniform grid, of powers of two
+    on a log grid) whose reciprocal joins the requantization scale of that row of
+    ``attn @ v``'s int32 outputs."""
 
     def __init__(self, softmax: nn.Module, spec: TensorQuantSpec, renormalize: bool = False):
         super().__init__()
