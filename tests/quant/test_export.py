@@ -254,6 +254,24 @@ def test_w4_weight_only_uses_matmul_nbits(model, calib, images, tmp_path, granul
     assert sqnr_db(expected, torch.from_numpy(run_session(session, images))) > 60
 
 
+def test_a_full_disk_during_an_optional_export_fails_the_run(model, qmodel, images, tmp_path, monkeypatch):
+    """A refused form is recorded and the run goes on; a failed write is not a refusal: it is
+    raised (the caller reports a full disk as a failure of the run)."""
+    import errno
+
+    import bvvit.ptq.onnx as deployment
+    from bvvit.errors import WriteError
+
+    def full_disk(*args, **kwargs):
+        raise WriteError("cannot write vit_w8a8.onnx: No space left on device", errno.ENOSPC)
+
+    monkeypatch.setattr(deployment, "export_qdq_onnx", full_disk)
+    loader = DataLoader(TensorDataset(images[:8], torch.arange(8) % 5), batch_size=8)
+    with torch.no_grad(), pytest.raises(WriteError, match="No space left"):
+        export_and_measure(model, qmodel, loader, tmp_path, PRE, CLASSES, model(images[:8]), qmodel(images[:8]),
+                           measure_latency=False, threads=1, runtimes=("onnxruntime",))
+
+
 def test_w4_weight_only_file_of_a_renormalizing_w4a4_model(model, calib, images, tmp_path):
     """The W4A4 vit model renormalizes its 4-bit attention rows; its weight-only file drops
     every activation quantizer, and with it the renormalization (there is no rounding to undo)."""
