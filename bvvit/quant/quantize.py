@@ -37,7 +37,7 @@ from bvvit.quant.reconstruct import reconstruct_model
 from bvvit.quant.input_stats import input_statistics, linear_names
 from bvvit.quant.reparam import range_names, reparameterize_from_ranges
 from bvvit.quant.rotation import rotate_model
-from bvvit.quant.softmax_grid import choose_softmax_grids
+from bvvit.quant.softmax_grid import UNIFORM_ONLY_BITS, choose_softmax_grids
 from bvvit.system import release_freed_memory
 
 
@@ -74,9 +74,6 @@ def _with_bits(spec: TensorQuantSpec, bits: Optional[int] | str) -> Optional[Ten
     return spec if bits is None else dataclasses.replace(spec, bits=int(bits))
 
 
-RENORM_BELOW_BITS = 8  # cfg.softmax_renorm acts below 8 bits; 8-bit attention stays what int8 runtimes run
-
-
 def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransformer, list[str]]:
     """A quantized copy of ``model`` (uncalibrated), plus warnings. The input is untouched."""
     qmodel = copy.deepcopy(model).eval()
@@ -111,7 +108,8 @@ def convert(model: VisionTransformer, cfg: QuantConfig) -> tuple[VisionTransform
         elif isinstance(module, Softmax):
             if cfg.softmax_output and bits != "float":
                 spec = _with_bits(cfg.softmax, bits)
-                renormalize = cfg.softmax_renorm and spec.bits < RENORM_BELOW_BITS
+                # below 8 bits only: 8-bit attention stays the uniform uint8 that int8 runtimes run
+                renormalize = cfg.softmax_renorm and spec.bits < UNIFORM_ONLY_BITS
                 qmodel.set_submodule(name, QuantSoftmax(module, spec, renormalize))
         elif isinstance(module, Add):
             if cfg.residual and bits != "float":
